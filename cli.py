@@ -1,0 +1,288 @@
+"""Command line of the WSSS harness: one command per pipeline step (each a DVC stage).
+
+    python cli.py data synth | data voc --root PATH | data check | data preview
+    python cli.py train-cls
+    python cli.py seeds --method recam-scorecam
+    python cli.py eval-seeds --method cam        (threshold from params.yaml)
+    python cli.py crf --method cam
+    python cli.py train-seg --method cam         (--method gt: fully supervised upper bound)
+    python cli.py eval-seg --method cam
+    python cli.py report
+    python cli.py eval --pred DIR --gt DIR --out FILE.json
+    python cli.py ui
+    python cli.py bench scorecam
+
+Every command reads params.yaml (``--params`` to choose another file). Errors the user can fix
+print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
+
+import typer  # noqa: E402
+
+from wsss.config import METHOD_CHECKPOINTS, load_params  # noqa: E402
+from wsss.errors import UserError  # noqa: E402
+
+Method = Enum("Method", {m.upper().replace("-", "_"): m for m in METHOD_CHECKPOINTS}, type=str)
+SegSource = Enum("SegSource", {**{m.upper().replace("-", "_"): m for m in METHOD_CHECKPOINTS}, "GT": "gt"}, type=str)
+
+
+class RecamVariant(str, Enum):
+    CAM = "cam"
+    SCORECAM = "scorecam"
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Weakly-supervised semantic segmentation harness.")
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: synthetic world, PASCAL VOC, checks.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (ratios against a reference in one run).")
+app.add_typer(data_app, name="data")
+app.add_typer(bench_app, name="bench")
+
+ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="params file")
+
+
+def friendly(fn):
+    """Turn UserError into one line on stderr and exit status 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(UserError.exit_code)
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def _params(path: Path):
+    return load_params(path)
+
+
+# ------------------------------------------------------------------------------------ data
+@data_app.command("synth")
+@friendly
+def data_synth(params: Path = ParamsOpt, preview: bool = typer.Option(True, help="also write docs/synth_world.png")):
+    """Generate the synthetic VOC-format world into data_dir (byte-identical per seed)."""
+    from wsss import synth
+
+    p = _params(params)
+    root = p.data_path()
+    summary = synth.generate(root, p)
+    if preview:
+        from wsss.paths import repo_root
+
+        synth.preview(root, repo_root() / "docs" / "synth_world.png")
+    counts = ", ".join(f"{k} {v}" for k, v in summary.get("splits", summary).items() if isinstance(v, int))
+    typer.echo(f"[data synth] wrote {root} ({counts})")
+
+
+@data_app.command("voc")
+@friendly
+def data_voc(root: Path = typer.Option(..., "--root", help="VOCdevkit or VOC2012 folder"), params: Path = ParamsOpt):
+    """Link a PASCAL VOC 2012 tree (optionally with SegmentationClassAug) into data_dir and validate it."""
+    from wsss import voc
+
+    p = _params(params)
+    report = voc.link_voc(root, p.data_path())
+    _print_check(report)
+    if report["problems"]:
+        raise typer.Exit(1)
+
+
+def _print_check(report: dict) -> None:
+    for split, n in report["splits"].items():
+        counts = report["class_counts"].get(split, {})
+        typer.echo(f"{split}: {n} images; " + ", ".join(f"{c} {k}" for c, k in counts.items() if k))
+    for prob in report["problems"]:
+        typer.echo(f"problem: {prob}")
+    typer.echo(f"[data check] {len(report['problems'])} problems")
+
+
+@data_app.command("check")
+@friendly
+def data_check(params: Path = ParamsOpt):
+    """Count images per split and class and list every problem found (exit 1 if any)."""
+    from wsss import voc
+
+    p = _params(params)
+    report = voc.check(p.data_path())
+    _print_check(report)
+    if report["problems"]:
+        raise typer.Exit(1)
+
+
+@data_app.command("preview")
+@friendly
+def data_preview(out: Path = typer.Option(Path("docs/synth_world.png")), params: Path = ParamsOpt):
+    """Write an image/mask grid of the first train images."""
+    from wsss import synth
+
+    synth.preview(_params(params).data_path(), out)
+    typer.echo(f"[data preview] {out}")
+
+
+# ------------------------------------------------------------------------------- pipeline
+@app.command("train-cls")
+@friendly
+def train_cls(params: Path = ParamsOpt):
+    """Train the multi-label classifier (outputs/checkpoints/cls.pt)."""
+    from wsss.steps import train_cls as step
+
+    step.run(_params(params))
+
+
+@app.command("train-recam")
+@friendly
+def train_recam(variant: RecamVariant = typer.Option(RecamVariant.CAM, help="mask source in the softmax-CE term"),
+                params: Path = ParamsOpt):
+    """ReCAM training from cls.pt (recam.pt; --variant scorecam -> recam-scorecam.pt)."""
+    from wsss.steps import train_recam as step
+
+    step.run(_params(params), variant=variant.value)
+
+
+@app.command("train-puzzle")
+@friendly
+def train_puzzle(params: Path = ParamsOpt):
+    """Puzzle-CAM training (outputs/checkpoints/puzzlecam.pt)."""
+    from wsss.steps import train_puzzle as step
+
+    step.run(_params(params))
+
+
+@app.command("train-sipe")
+@friendly
+def train_sipe(params: Path = ParamsOpt):
+    """SIPE training (outputs/checkpoints/sipe.pt)."""
+    from wsss.steps import train_sipe as step
+
+    step.run(_params(params))
+
+
+@app.command("seeds")
+@friendly
+def seeds(method: Method = typer.Option(..., help="seed method"), params: Path = ParamsOpt):
+    """Seeds (normalised CAMs of present classes) for every image of seed_split."""
+    from wsss.steps import seeds as step
+
+    step.run(_params(params), method.value)
+
+
+@app.command("eval-seeds")
+@friendly
+def eval_seeds(method: Method = typer.Option(...), params: Path = ParamsOpt):
+    """Seed mIoU at params threshold, plus the threshold sweep plot."""
+    from wsss.steps import eval_seeds as step
+
+    step.run(_params(params), method.value)
+
+
+@app.command("crf")
+@friendly
+def crf(method: Method = typer.Option(...), params: Path = ParamsOpt):
+    """Dense-CRF pseudo-masks from seeds (uncertain pixels 255) and their mIoU."""
+    from wsss.steps import crf as step
+
+    step.run(_params(params), method.value)
+
+
+@app.command("train-seg")
+@friendly
+def train_seg(method: SegSource = typer.Option(..., help="pseudo-masks of this method, or gt"),
+              params: Path = ParamsOpt):
+    """Train the DeepLab network on a method's pseudo-masks (or ground truth: upper bound)."""
+    from wsss.steps import train_seg as step
+
+    step.run(_params(params), method.value)
+
+
+@app.command("eval-seg")
+@friendly
+def eval_seg(method: SegSource = typer.Option(...), params: Path = ParamsOpt):
+    """Segmentation mIoU on val_split (optional dense-CRF post-processing)."""
+    from wsss.steps import eval_seg as step
+
+    step.run(_params(params), method.value)
+
+
+@app.command("report")
+@friendly
+def report(params: Path = ParamsOpt):
+    """Comparison table (outputs/report.md, report.png, MLflow) beside the reported figures."""
+    from wsss.steps import report as step
+
+    step.run(_params(params))
+
+
+@app.command("spread")
+@friendly
+def spread(seeds: str = typer.Option("0,1,2", help="comma-separated random seeds"), params: Path = ParamsOpt):
+    """Run the whole pipeline once per random seed and report mean ± std (outputs/spread/)."""
+    from wsss.pipeline import spread as run_spread
+
+    try:
+        values = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {seeds!r}: give integers separated by commas, e.g. 0,1,2") from None
+    run_spread(_params(params), values)
+
+
+@app.command("eval")
+@friendly
+def evaluate(pred: Path = typer.Option(..., help="folder of predicted label PNGs"),
+             gt: Path = typer.Option(..., help="folder of ground-truth label PNGs"),
+             out: Optional[Path] = typer.Option(None, help="write scores as JSON here")):
+    """Score two folders of label PNGs with the same ids (canonical mIoU)."""
+    from wsss.steps import evaluate as step
+
+    step.run(pred, gt, out)
+
+
+@app.command("ui")
+@friendly
+def ui(port: int = typer.Option(5000), host: str = typer.Option("127.0.0.1")):
+    """Start the MLflow UI on the project's tracking store."""
+    import subprocess
+
+    from wsss.paths import artifact_root, tracking_uri
+
+    uri = tracking_uri()
+    typer.echo(f"MLflow UI on http://{host}:{port} (store {uri})")
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    cmd = [str(mlflow_bin) if mlflow_bin.exists() else "mlflow", "ui", "--backend-store-uri", uri,
+           "--default-artifact-root", artifact_root(), "--host", host, "--port", str(port)]
+    raise typer.Exit(subprocess.call(cmd))
+
+
+# -------------------------------------------------------------------------------- bench
+@bench_app.command("scorecam")
+@friendly
+def bench_scorecam(images: int = typer.Option(4), size: int = typer.Option(96),
+                   backbone: str = typer.Option("resnet18"), device: str = typer.Option("cpu"),
+                   out: Optional[Path] = typer.Option(Path("outputs/bench/scorecam.json"))):
+    """Our fast Score-CAM vs the grad-cam package's ScoreCAM (speed-up ratio, peak memory)."""
+    from wsss import bench
+    from wsss.io import write_json
+
+    result = bench.run_scorecam_bench(n_images=images, size=size, backbone=backbone, device=device)
+    if out is not None:
+        write_json(out, result)
+    typer.echo(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+
+
+if __name__ == "__main__":
+    app()

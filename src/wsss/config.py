@@ -1,0 +1,270 @@
+"""A flat, typed configuration read from ``params.yaml`` and validated on load.
+
+Every pipeline step receives one :class:`Params`. Keys are flat (``cls_lr``, not
+``cls: {lr:}``) so that ``dvc exp run -S key=value`` and ``dvc.yaml`` ``params:`` lists
+stay one word each. Unknown keys, wrong types and out-of-range values raise
+:class:`~wsss.errors.UserError` naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+#: Every seed method the CLI knows, mapped to the checkpoint (under outputs/checkpoints/)
+#: its seeds are computed from. A method with its own training stage has its own file.
+METHOD_CHECKPOINTS: dict[str, str] = {
+    "cam": "cls",
+    "gradcam": "cls",
+    "gradcampp": "cls",
+    "scorecam": "cls",
+    "recam": "recam",
+    "recam-scorecam": "recam-scorecam",
+    "puzzlecam": "puzzlecam",
+    "sipe": "sipe",
+}
+
+
+@dataclass
+class Params:
+    # reproducibility and hardware
+    seed: int = 0
+    device: str = "cpu"  # cpu | cuda | auto
+    num_workers: int = 0  # CRF process pool size; 0 = all cores
+
+    # data
+    dataset: str = "synth"  # synth | voc
+    data_dir: str = "data/VOC2012"
+    train_split: str = "train"  # classifier and segmentation training list
+    seed_split: str = "train"  # list on which seeds and pseudo-masks are made and scored
+    val_split: str = "val"  # list on which the segmentation network is scored
+    subset: int = 0  # keep only the first N ids of every list (0 = all); the study used 30
+
+    # synthetic world
+    synth_seed: int = 0
+    synth_n_train: int = 240
+    synth_n_val: int = 80
+    synth_size: int = 96
+    synth_max_objects: int = 3
+    synth_cooccur: float = 0.5
+    synth_context: float = 0.7
+    synth_occlusion: float = 0.3
+    synth_void_width: int = 2
+
+    # classifier
+    backbone: str = "resnet18"
+    output_stride: int = 16
+    pretrained: str = "none"  # none | imagenet | path to a torchvision state dict
+    cls_epochs: int = 12
+    cls_batch_size: int = 16
+    cls_lr: float = 0.01
+    cls_weight_decay: float = 1e-4
+    cls_crop: int = 96
+    max_steps: int = 0  # optimiser step budget per training stage (0 = no cap)
+
+    # seeds
+    # method -> checkpoint its seeds are read from (outputs/checkpoints/<name>.pt); the value
+    # is fixed per method (METHOD_CHECKPOINTS) and is spelled out only so dvc.yaml can use it.
+    methods: dict[str, str] = field(default_factory=lambda: {"cam": "cls"})
+    cam_scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 1.5])
+    cam_flip: bool = True
+    cam_batch_size: int = 8
+    scorecam_chunk: int = 64
+    scorecam_variant: str = "correct"  # correct | study
+    scorecam_baseline: bool = True
+    scorecam_scales: list[float] = field(default_factory=lambda: [1.0])  # one forward per channel per pass
+    scorecam_flip: bool = False
+    threshold: float = 0.21
+    threshold_sweep: list[float] = field(
+        default_factory=lambda: [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6]
+    )
+
+    # ReCAM (Chen et al. 2022)
+    recam_epochs: int = 4
+    recam_lr: float = 5e-4
+    recam_lambda: float = 1.0
+    recam_scorecam_mask: str = "seeds"  # seeds | online (see docs/methods.md)
+    # Puzzle-CAM (Jo & Yu 2021)
+    puzzle_epochs: int = 12
+    puzzle_lr: float = 0.01
+    puzzle_alpha: float = 4.0
+    # SIPE (Chen et al. 2022)
+    sipe_epochs: int = 12
+    sipe_lr: float = 0.01
+    sipe_lambda: float = 1.0
+
+    # dense CRF pseudo-masks
+    conf_fg: float = 0.35
+    conf_bg: float = 0.10
+    crf_iters: int = 10
+    crf_gauss_sxy: float = 3.0
+    crf_gauss_compat: float = 3.0
+    crf_bilateral_sxy: float = 10.0
+    crf_bilateral_srgb: float = 13.0
+    crf_bilateral_compat: float = 10.0
+
+    # segmentation network
+    seg_backbone: str = "resnet18"
+    seg_epochs: int = 20
+    seg_batch_size: int = 16
+    seg_lr: float = 0.01
+    seg_crop: int = 96
+    seg_crf: bool = False  # dense CRF post-processing in eval-seg
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, source: str = "params.yaml") -> "Params":
+        def bad(key: str, why: str) -> UserError:
+            return UserError(f"{source}: key '{key}' {why}")
+
+        def positive(*keys: str) -> None:
+            for k in keys:
+                if getattr(self, k) <= 0:
+                    raise bad(k, f"must be > 0 (got {getattr(self, k)!r})")
+
+        def unit(*keys: str) -> None:
+            for k in keys:
+                v = getattr(self, k)
+                if not 0.0 <= v <= 1.0:
+                    raise bad(k, f"must be in [0, 1] (got {v!r})")
+
+        def choice(key: str, options: list[str]) -> None:
+            if getattr(self, key) not in options:
+                raise bad(key, f"must be one of {', '.join(options)} (got {getattr(self, key)!r})")
+
+        choice("device", ["cpu", "cuda", "auto"])
+        choice("dataset", ["synth", "voc"])
+        choice("backbone", ["resnet18", "resnet34", "resnet50"])
+        choice("seg_backbone", ["resnet18", "resnet34", "resnet50"])
+        choice("scorecam_variant", ["correct", "study"])
+        choice("recam_scorecam_mask", ["seeds", "online"])
+        if self.output_stride not in (8, 16, 32):
+            raise bad("output_stride", f"must be 8, 16 or 32 (got {self.output_stride})")
+        positive("synth_n_train", "synth_n_val", "synth_max_objects", "cls_epochs",
+                 "cls_batch_size", "cls_lr", "cls_crop", "cam_batch_size", "scorecam_chunk",
+                 "recam_epochs", "recam_lr", "puzzle_epochs", "puzzle_lr", "sipe_epochs",
+                 "sipe_lr", "crf_iters", "seg_epochs", "seg_batch_size", "seg_lr", "seg_crop")
+        if self.synth_size < 32:
+            raise bad("synth_size", f"must be >= 32 (got {self.synth_size})")
+        for k in ("num_workers", "subset", "max_steps", "synth_void_width", "cls_weight_decay",
+                  "recam_lambda", "puzzle_alpha", "sipe_lambda"):
+            if getattr(self, k) < 0:
+                raise bad(k, f"must be >= 0 (got {getattr(self, k)!r})")
+        unit("synth_cooccur", "synth_context", "synth_occlusion", "threshold", "conf_fg", "conf_bg")
+        if self.conf_bg > self.conf_fg:
+            raise bad("conf_bg", f"must be <= conf_fg ({self.conf_bg} > {self.conf_fg})")
+        if not self.methods:
+            raise bad("methods", "must list at least one method")
+        for m, ckpt in self.methods.items():
+            if m not in METHOD_CHECKPOINTS:
+                raise bad("methods", f"has unknown method {m!r}; choose from {', '.join(METHOD_CHECKPOINTS)}")
+            if ckpt != METHOD_CHECKPOINTS[m]:
+                raise bad(f"methods.{m}", f"must be {METHOD_CHECKPOINTS[m]!r} (the checkpoint its seeds use), got {ckpt!r}")
+        if ("recam-scorecam" in self.methods and self.recam_scorecam_mask == "seeds"
+                and "scorecam" not in self.methods):
+            raise bad("methods", "lists recam-scorecam with recam_scorecam_mask: seeds, which reads the "
+                                 "scorecam seeds; add 'scorecam: cls' or set recam_scorecam_mask: online")
+        for key in ("cam_scales", "scorecam_scales"):
+            scales = getattr(self, key)
+            if not scales or any(s <= 0 for s in scales):
+                raise bad(key, "must be a non-empty list of positive scales, e.g. [1.0, 0.5, 1.5]")
+        if not self.threshold_sweep or any(not 0 <= t <= 1 for t in self.threshold_sweep):
+            raise bad("threshold_sweep", "must be a non-empty list of values in [0, 1]")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def data_path(self) -> Path:
+        from .paths import repo_root
+
+        p = Path(self.data_dir)
+        return p if p.is_absolute() else repo_root() / p
+
+
+_HINTS = typing.get_type_hints(Params)
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    """Check one value against its declared type; ints are accepted where floats are."""
+    hint = _HINTS[key]
+    origin = typing.get_origin(hint)
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise UserError(f"{source}: key '{key}' must be a mapping of name: name (got {value!r})")
+        return dict(value)
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise UserError(f"{source}: key '{key}' must be a list of {inner.__name__} (got {value!r})")
+        return [_coerce_scalar(key, v, inner, source) for v in value]
+    return _coerce_scalar(key, value, hint, source)
+
+
+def _coerce_scalar(key: str, value: Any, typ: type, source: str) -> Any:
+    ok = (
+        (typ is bool and isinstance(value, bool))
+        or (typ is int and isinstance(value, int) and not isinstance(value, bool))
+        or (typ is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (typ is str and isinstance(value, str))
+    )
+    if not ok:
+        raise UserError(
+            f"{source}: key '{key}' must be of type {typ.__name__} (got {value!r}); fix its value"
+        )
+    return float(value) if typ is float else value
+
+
+def params_from_dict(raw: dict[str, Any], source: str = "params.yaml") -> Params:
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: must be a YAML mapping of key: value")
+    known = {f.name for f in dataclasses.fields(Params)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise UserError(f"{source}: unknown key '{unknown[0]}'; remove it or check its spelling")
+    values = {k: _coerce(k, v, source) for k, v in raw.items()}
+    return Params(**values).validate(source)
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Load and validate ``params.yaml``; ``overrides`` (already typed) win over the file."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: not found; run from the repository root or pass --params PATH")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f" line {line + 1}" if line is not None else ""
+        raise UserError(f"{path}:{where} is not valid YAML; fix the syntax") from None
+    raw.update(overrides or {})
+    return params_from_dict(raw, str(path))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch so that a step's metrics repeat on the same machine."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("params.yaml: key 'device' is 'cuda' but no GPU is visible; set device: cpu or auto")
+    return torch.device(name)

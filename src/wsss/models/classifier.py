@@ -1,0 +1,91 @@
+"""The multi-label classifier whose class activation maps become seeds.
+
+Global average pooling over the last feature map A, a bias-free 1x1 classifier W, trained
+with the multilabel soft-margin loss (Zhou et al. 2016, "Learning Deep Features for
+Discriminative Localization"; IRN/ReCAM setup). ``recam_predictor`` is the second 1x1
+classifier of ReCAM (Chen et al., CVPR 2022), added by the ReCAM training stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+from .backbone import ResNetTrunk
+
+NUM_CLASSES = 20
+
+
+class Classifier(nn.Module):
+    def __init__(self, backbone: str = "resnet18", output_stride: int = 16,
+                 pretrained: str = "none", num_classes: int = NUM_CLASSES, recam: bool = False):
+        super().__init__()
+        self.arch, self.output_stride, self.num_classes = backbone, output_stride, num_classes
+        self.backbone = ResNetTrunk(backbone, output_stride, pretrained)
+        c = self.backbone.out_channels
+        self.classifier = nn.Conv2d(c, num_classes, 1, bias=False)
+        self.recam_predictor: nn.Conv2d | None = None
+        if recam:
+            self.add_recam_predictor()
+
+    def add_recam_predictor(self) -> None:
+        self.recam_predictor = nn.Conv2d(self.backbone.out_channels, self.num_classes, 1, bias=False)
+
+    # ----------------------------------------------------------------- forward paths
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Last feature map A (B, C, h, w) of a normalised image batch."""
+        return self.backbone(x)[-1]
+
+    def hierarchical_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.backbone(x)
+
+    def head(self, feats: torch.Tensor) -> torch.Tensor:
+        """Class logits (B, K) from a feature map: GAP then the 1x1 classifier."""
+        return self.classifier(feats.mean(dim=(2, 3), keepdim=True)).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def cam_weight(self, reactivate: bool = False) -> torch.Tensor:
+        """(K, C, 1, 1) weights of the CAM; ReCAM re-activation multiplies the predictor in."""
+        w = self.classifier.weight
+        if reactivate:
+            if self.recam_predictor is None:
+                raise UserError("checkpoint has no ReCAM predictor; run `python cli.py train-recam` first")
+            w = w * self.recam_predictor.weight
+        return w
+
+    def raw_cams(self, feats: torch.Tensor, reactivate: bool = False) -> torch.Tensor:
+        """ReLU(sum_k w_ck A_k): un-normalised CAMs (B, K, h, w)."""
+        return F.relu(F.conv2d(feats, self.cam_weight(reactivate)))
+
+    # ----------------------------------------------------------------- (de)serialisation
+    def spec(self) -> dict[str, Any]:
+        return {"backbone": self.arch, "output_stride": self.output_stride,
+                "num_classes": self.num_classes, "recam": self.recam_predictor is not None}
+
+
+def build_classifier(params) -> Classifier:
+    return Classifier(params.backbone, params.output_stride, params.pretrained)
+
+
+def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[Classifier, dict]:
+    """Load a checkpoint written by a training stage; returns the model (eval mode) and the dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found; run its training stage first (e.g. `python cli.py train-cls`)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        spec = ckpt["spec"]
+        model = Classifier(spec["backbone"], spec["output_stride"], "none", spec["num_classes"], spec["recam"])
+        model.load_state_dict(ckpt["model"])
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{path}: not a valid classifier checkpoint ({type(e).__name__}); delete it and retrain") from None
+    return model.to(device).eval(), ckpt

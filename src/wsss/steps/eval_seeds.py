@@ -1,0 +1,112 @@
+"""Step ``eval-seeds``: seed mIoU on ``seed_split``.
+
+A seed becomes a label map by putting a constant background score equal to ``threshold``
+beside the present classes' maps and taking the argmax (IRN/ReCAM's ``cam_eval_thres``).
+Besides the mIoU at ``threshold`` it sweeps ``threshold_sweep`` and writes the curve as a DVC
+plot (``outputs/plots/threshold/<method>.csv``) and an MLflow figure.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ..config import Params, seed_everything
+from ..errors import UserError
+from ..io import load_npz, write_json, write_text
+from ..metrics import ConfusionMatrix
+from ..tracking import step_run
+from .common import open_split, out_dir, summary
+
+
+def seed_to_label(keys: np.ndarray, cams: np.ndarray, threshold: float, shape: tuple[int, int]) -> np.ndarray:
+    """argmax over [threshold (background), cams...] -> 0 or class index + 1."""
+    if len(keys) == 0:
+        return np.zeros(shape, dtype=np.uint8)
+    scores = np.concatenate([np.full((1, *cams.shape[1:]), threshold, np.float32), cams], axis=0)
+    labels = np.concatenate([[0], keys + 1]).astype(np.uint8)
+    return labels[np.argmax(scores, axis=0)]
+
+
+def read_seed(path: Path, method: str) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise UserError(f"{path}: seed missing; run `python cli.py seeds --method {method}` first")
+    try:
+        z = load_npz(path)
+        return z["keys"], z["cams"]
+    except Exception:
+        raise UserError(f"{path}: unreadable seed file; delete it and re-run `python cli.py seeds --method {method}`") from None
+
+
+def run(params: Params, method: str) -> dict:
+    from ..voc import CLASSES
+
+    seed_everything(params.seed)
+    voc = open_split(params, params.seed_split)
+    names = ["background", *CLASSES]
+    thresholds = sorted(set(params.threshold_sweep) | {params.threshold})
+    cms = {t: ConfusionMatrix(21) for t in thresholds}
+    seed_dir = out_dir("seeds", method)
+    samples = []
+    for id_ in tqdm(voc.ids, desc=f"eval-seeds {method}", dynamic_ncols=True, leave=False):
+        keys, cams = read_seed(seed_dir / f"{id_}.npz", method)
+        gt = voc.mask(id_)
+        if cams.shape[1:] != gt.shape:
+            raise UserError(f"{seed_dir / (id_ + '.npz')}: map size {cams.shape[1:]} != image {gt.shape}; re-run seeds")
+        for t in thresholds:
+            cms[t].update(seed_to_label(keys, cams, t, gt.shape), gt)
+        if len(samples) < 4:
+            samples.append((id_, keys, cams, gt))
+    scores = cms[params.threshold].scores(names)
+    curve = [(t, cms[t].scores(names)["miou"]) for t in thresholds]
+    best_t, best_miou = max(curve, key=lambda r: r[1])
+    metrics = {"miou": scores["miou"], "threshold": params.threshold, "best_threshold": best_t,
+               "best_miou": best_miou, "per_class_iou": scores["per_class_iou"],
+               "precision": scores["precision"], "recall": scores["recall"]}
+    plot_path = out_dir("plots", "threshold", f"{method}.csv")
+    write_text(plot_path, "threshold,miou\n" + "".join(f"{t},{m:.6f}\n" for t, m in curve))
+    write_json(out_dir("metrics", "eval_seeds", f"{method}.json"), metrics)
+    with step_run("eval-seeds", params, method=method) as tracker:
+        tracker.log_metrics({"seed_miou": scores["miou"], "best_threshold": best_t, "best_seed_miou": best_miou})
+        for t, m in curve:
+            tracker.log_metrics({"seed_miou_sweep": m}, step=int(round(t * 100)))
+        tracker.log_artifact(plot_path, "plots")
+        _log_pictures(tracker, method, curve, params.threshold, scores, samples, voc)
+    summary("eval-seeds", f"{method}: seed mIoU {scores['miou']:.4f} at threshold {params.threshold} "
+                          f"(best {best_miou:.4f} at {best_t})")
+    return metrics
+
+
+def _log_pictures(tracker, method, curve, threshold, scores, samples, voc) -> None:
+    if not tracker.active:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..overlays import cam_heatmap, colorize, panel
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([t for t, _ in curve], [m for _, m in curve], marker="o")
+    ax.axvline(threshold, color="grey", ls="--", lw=1)
+    ax.set(xlabel="background threshold", ylabel="seed mIoU", title=f"{method}: threshold sweep")
+    tracker.log_figure(fig, "plots/threshold_sweep.png")
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    names = list(scores["per_class_iou"])
+    ax.bar(names, [scores["per_class_iou"][n] for n in names])
+    ax.set(ylabel="IoU", title=f"{method}: seed per-class IoU")
+    ax.tick_params(axis="x", rotation=75)
+    tracker.log_figure(fig, "plots/per_class_iou.png")
+    plt.close(fig)
+    rows = []
+    for id_, keys, cams, gt in samples:
+        image = voc.image(id_)
+        heat = cam_heatmap(image, cams.max(axis=0) if len(keys) else np.zeros(gt.shape, np.float32))
+        rows.append([image, heat, colorize(seed_to_label(keys, cams, threshold, gt.shape)), colorize(gt)])
+    if rows:
+        tracker.log_image(panel(rows, ["image", "seed (max over classes)", "seed labels", "ground truth"]),
+                          "overlays/seeds.png")

@@ -1,0 +1,65 @@
+"""Step ``seeds``: class activation maps for the classes present in each image of
+``seed_split``, by the chosen method (see :mod:`wsss.cams.registry`), multi-scale + flip.
+
+Each image gets ``outputs/seeds/<method>/<id>.npz`` holding ``keys`` (int64 class indices
+0..19 of the present classes) and ``cams`` (float32 (n, H, W), each map divided by its max, so in
+[0, 1], at image size); plain arrays only, nothing pickled. The folder is built under a
+temporary name and swapped in when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from ..config import Params, resolve_device, seed_everything
+from ..io import atomic_dir, save_npz
+from ..tracking import step_run
+from .common import method_checkpoint, open_split, out_dir, summary
+
+
+def load_model(method: str, device):
+    """Load the checkpoint a method's seeds are computed from (SIPE models have their own kind)."""
+    path = method_checkpoint(method)
+    if method == "sipe":
+        from ..models.sipe import load_any
+
+        return load_any(path, device)[0]
+    from ..models.classifier import load_classifier
+
+    return load_classifier(path, device)[0]
+
+
+def method_params(params: Params, method: str) -> Params:
+    """Score-CAM costs one forward per channel per pass, so it has its own scales/flip keys."""
+    if method == "scorecam":
+        return dataclasses.replace(params, cam_scales=params.scorecam_scales, cam_flip=params.scorecam_flip)
+    return params
+
+
+def run(params: Params, method: str) -> dict:
+    from ..cams.registry import get_method
+
+    seed_everything(params.seed)
+    device = resolve_device(params.device)
+    voc = open_split(params, params.seed_split)
+    model = load_model(method, device)
+    cam = get_method(method, model, method_params(params, method))
+    start = time.perf_counter()
+    n_maps = 0
+    with step_run("seeds", params, method=method) as tracker, atomic_dir(out_dir("seeds", method)) as tmp:
+        for id_ in tqdm(voc.ids, desc=f"seeds {method}", dynamic_ncols=True, leave=False):
+            keys = np.flatnonzero(voc.labels(id_) > 0).astype(np.int64)
+            maps = cam(voc.image(id_), keys.tolist()).astype(np.float32)
+            save_npz(tmp / f"{id_}.npz", keys=keys, cams=maps)
+            n_maps += len(keys)
+        seconds = time.perf_counter() - start
+        tracker.log_metrics({"n_images": len(voc.ids), "n_maps": n_maps,
+                             "seconds": seconds, "seconds_per_image": seconds / max(len(voc.ids), 1)})
+    metrics = {"n_images": len(voc.ids), "n_maps": n_maps}
+    summary("seeds", f"{method}: {len(voc.ids)} images, {n_maps} maps in {seconds:.1f}s "
+                     f"({seconds / max(len(voc.ids), 1):.2f}s/image) -> {out_dir('seeds', method)}")
+    return metrics

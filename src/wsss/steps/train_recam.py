@@ -1,0 +1,264 @@
+"""Steps ``train-recam`` and ``train-recam-scorecam``: ReCAM fine-tuning of the classifier.
+
+Chen, Wang, Wu, Hua, Zhang and Sun, "Class Re-Activation Maps for Weakly-Supervised Semantic
+Segmentation", CVPR 2022.
+
+Starting from ``outputs/checkpoints/cls.pt``, a second bias-free 1x1 classifier W'
+(``recam_predictor``, K = 20 outputs, a new head: 10x learning rate) is added and the
+model trained for ``recam_epochs`` at ``recam_lr`` with
+
+    L = L_soft-margin(z, y) + recam_lambda * L_sce,
+
+    L_sce = 1/|P| sum_{(b,c) in P} CE( W' f_bc, c ),   f_bc = GAP(A_b * M_bc),
+
+where P are the (image, present class) pairs, A_b the last feature map of image b and M_bc
+the class-c mask normalised by its maximum, M_bc = m_bc / (max m_bc + 1e-5). At inference
+(``wsss.cams.cam.ReCAM``) the CAM uses the weights W * W'.
+
+Masks m_bc:
+
+* variant ``cam`` (``recam.pt``): the CAM of the current features, ReLU(w_c^T A_b).
+* variant ``scorecam`` (``recam-scorecam.pt``): a Score-CAM (Wang et al., CVPRW 2020), from
+  the source named by ``recam_scorecam_mask``:
+
+  - ``seeds`` (default): the Score-CAMs that ``python cli.py seeds --method scorecam``
+    wrote for each training image (``outputs/seeds/scorecam/<id>.npz``, computed from
+    ``cls.pt``), cropped/flipped/rescaled together with the image and average-pooled to the
+    feature size. ReCAM trains at a small learning rate for few epochs, so the classifier
+    barely moves from ``cls.pt`` and the Score-CAM of the start checkpoint is a close
+    stand-in for a per-step Score-CAM, at no extra cost per step (a per-step Score-CAM is
+    one forward per channel per image: 512 x 16 forwards per step with ResNet-18, about a
+    minute per step on 2 CPU cores).
+  - ``online``: at every step the correct Score-CAM of the current model on the current
+    crops (:func:`wsss.cams.scorecam.scorecam_batch`, ``scorecam_chunk``,
+    ``scorecam_baseline``), or the student project's variant
+    (:func:`wsss.cams.scorecam.study_scorecam_batch`) when ``scorecam_variant: study``.
+
+Writes ``outputs/checkpoints/<name>.pt`` and ``outputs/metrics/train_<name>.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Params, resolve_device, seed_everything
+from ..datasets import ClassificationData, random_scale_flip_crop, to_tensor
+from ..errors import UserError
+from ..io import load_npz, write_json
+from ..models.classifier import load_classifier
+from ..tracking import step_run
+from ..trainer import LoopSpec, classification_scores, train_loop
+from .common import checkpoint_path, open_split, out_dir, summary
+
+VARIANTS = ("cam", "scorecam")
+MASK_SOURCES = ("seeds", "online")
+TRAINING_KEYS = ("seed", "dataset", "data_dir", "train_split", "subset", "recam_epochs", "recam_lr",
+                 "recam_lambda", "cls_batch_size", "cls_weight_decay", "cls_crop", "max_steps")
+SCORECAM_KEYS = ("scorecam_chunk", "scorecam_variant", "scorecam_baseline")
+EPS = 1e-5
+
+
+def stage_name(variant: str) -> str:
+    """Checkpoint stem and method name: ``recam`` or ``recam-scorecam``."""
+    return "recam" if variant == "cam" else "recam-scorecam"
+
+
+# ---------------------------------------------------------------------------- the math
+def normalise_max(maps: torch.Tensor) -> torch.Tensor:
+    """(B, K, h, w) non-negative maps divided by their per-map max (+1e-5)."""
+    return maps / (maps.flatten(2).amax(-1)[:, :, None, None] + EPS)
+
+
+def cam_masks(model: nn.Module, feats: torch.Tensor) -> torch.Tensor:
+    """M = CAM / max CAM (B, K, h, w) of the current features, detached.
+
+    Detached: the mask only chooses *where* features are pooled for W'. ReCAM's L_sce is
+    meant to train W' and the features it reads; a gradient through the mask would let the
+    loss reshape the CAM itself (and through the max normalisation), and it keeps the CAM and
+    Score-CAM variants comparable (a Score-CAM mask has no gradient at all)."""
+    return normalise_max(model.raw_cams(feats.detach()).detach())
+
+
+def recam_loss(model: nn.Module, feats: torch.Tensor, logits: torch.Tensor | None,
+               labels: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+    """ReCAM's softmax cross-entropy L_sce (Chen et al., CVPR 2022) for a batch.
+
+    ``feats`` A (B, C, h, w); ``labels`` (B, K) multi-hot; ``masks`` (B, K, h, w) in [0, 1]
+    at feature size (None: :func:`cam_masks`). For every present pair (b, c):
+    f_bc = mean_{hw}(A_b * M_bc) (C,), p_bc = W' f_bc (K,), and
+    L_sce = mean_{(b,c)} CE(p_bc, c). ``logits`` (the classification output) is not used by
+    L_sce; it is accepted so the call reads like the loss of the paper, L(z, y, A, M).
+    Vectorised over all pairs; 0 (with a graph) when no class is present.
+    """
+    del logits
+    if model.recam_predictor is None:
+        raise ValueError("model has no recam_predictor; call add_recam_predictor() first")
+    if masks is None:
+        masks = cam_masks(model, feats)
+    if masks.shape[-2:] != feats.shape[-2:]:
+        raise ValueError(f"masks {tuple(masks.shape[-2:])} and features {tuple(feats.shape[-2:])} differ in size")
+    b, c = (labels > 0).nonzero(as_tuple=True)
+    if b.numel() == 0:
+        return feats.sum() * 0.0
+    f = torch.einsum("pchw,phw->pc", feats[b], masks[b, c].to(feats.dtype)) / (feats.shape[-2] * feats.shape[-1])
+    p = model.recam_predictor(f[:, :, None, None]).flatten(1)
+    return F.cross_entropy(p, c)
+
+
+def pool_masks(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Image-size maps (B, K, H, W) -> feature size by adaptive average pooling, renormalised."""
+    maps = maps.float()
+    if tuple(maps.shape[-2:]) != tuple(size):
+        if maps.shape[-2] >= size[0] and maps.shape[-1] >= size[1]:
+            maps = F.adaptive_avg_pool2d(maps, size)
+        else:
+            maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    return normalise_max(maps.clamp_min(0))
+
+
+# ---------------------------------------------------------------------------- data
+def joint_scale_flip_crop(rng: np.random.Generator, image: np.ndarray, maps: np.ndarray, crop: int):
+    """:func:`wsss.datasets.random_scale_flip_crop` applied to an image and to maps at once.
+
+    ``maps`` (n, H, W) uint8. They go through the same function as extra image channels,
+    three at a time (bilinear rescale, zero padding: "no object" outside the image), each
+    call with a copy of the same generator, so they receive exactly the draws (scale, flip,
+    crop offset) of the image. Returns the image crop and (n, crop, crop) uint8 maps; the
+    image crop equals what :class:`~wsss.datasets.ClassificationData` makes for this rng.
+    """
+    state = copy.deepcopy(rng)
+    out_image, _ = random_scale_flip_crop(rng, image, None, crop)
+    out = np.zeros((len(maps), crop, crop), np.uint8)
+    for i in range(0, len(maps), 3):
+        group = maps[i:i + 3]
+        rgb = np.zeros((*group.shape[1:], 3), np.uint8)
+        rgb[..., :len(group)] = np.moveaxis(group, 0, -1)
+        moved, _ = random_scale_flip_crop(copy.deepcopy(state), rgb, None, crop)
+        out[i:i + len(group)] = np.moveaxis(moved[..., :len(group)], -1, 0)
+    return out_image, out
+
+
+def seeds_folder():
+    return out_dir("seeds", "scorecam")
+
+
+class SeedMaskData(ClassificationData):
+    """:class:`~wsss.datasets.ClassificationData` plus per-image Score-CAM masks from the seeds
+    stage: yields (image, label, idx, maps (K, crop, crop) float32 in [0, 1])."""
+
+    def __init__(self, voc, crop: int, seed: int = 0, folder=None):
+        super().__init__(voc, crop, seed)
+        self.folder = folder if folder is not None else seeds_folder()
+        for id_, image in zip(self.voc.ids, self.images):
+            path = self.folder / f"{id_}.npz"
+            if not path.is_file():
+                raise UserError(f"{path}: Score-CAM seeds missing; run `python cli.py seeds --method scorecam` "
+                                f"first (with seed_split covering train_split '{voc.split}'), or set "
+                                f"recam_scorecam_mask: online")
+        self.num_classes = len(self.labels[0]) if self.labels else 20
+
+    def _maps(self, idx: int) -> tuple[np.ndarray, np.ndarray]:
+        path = self.folder / f"{self.voc.ids[idx]}.npz"
+        try:
+            z = load_npz(path)
+            keys, cams = z["keys"].astype(np.int64), z["cams"]
+        except Exception as e:
+            raise UserError(f"{path}: unreadable seeds file ({type(e).__name__}); rerun "
+                            f"`python cli.py seeds --method scorecam`") from None
+        h, w = self.images[idx].shape[:2]
+        if cams.shape != (len(keys), h, w) or (keys.size and (keys.min() < 0 or keys.max() >= self.num_classes)):
+            raise UserError(f"{path}: maps of shape {cams.shape} (keys {keys.tolist()}) do not fit image "
+                            f"{w}x{h}; rerun `python cli.py seeds --method scorecam`")
+        q = np.round(np.clip(cams, 0.0, 1.0) * 255.0).astype(np.uint8)
+        return keys, q
+
+    def __getitem__(self, idx: int):
+        rng = np.random.default_rng((self.seed, self.epoch, idx))
+        keys, q = self._maps(idx)
+        image, crops = joint_scale_flip_crop(rng, self.images[idx], q, self.crop)
+        maps = np.zeros((self.num_classes, self.crop, self.crop), np.float32)
+        maps[keys] = crops.astype(np.float32) / 255.0
+        return to_tensor(image), torch.from_numpy(self.labels[idx]), idx, torch.from_numpy(maps)
+
+
+# ---------------------------------------------------------------------------- the step
+def make_step_fn(params: Params, variant: str, source: str):
+    """``step_fn(model, batch, step) -> (loss, logs)`` for :func:`wsss.trainer.train_loop`."""
+    lam = params.recam_lambda
+
+    def masks_for(m, x, y, feats, batch):
+        if variant == "cam":
+            return cam_masks(m, feats)
+        if source == "seeds":
+            return pool_masks(batch[3], feats.shape[-2:])
+        from ..cams.scorecam import scorecam_batch, study_scorecam_batch
+
+        if params.scorecam_variant == "study":
+            raw = study_scorecam_batch(m, x, y, chunk=params.scorecam_chunk)
+        else:
+            raw = scorecam_batch(m, x, y, chunk=params.scorecam_chunk, baseline=params.scorecam_baseline)
+        return pool_masks(raw.detach(), feats.shape[-2:])
+
+    def step_fn(m, batch, step):
+        x, y = batch[0], batch[1]
+        feats = m.features(x)
+        logits = m.head(feats)
+        masks = masks_for(m, x, y, feats, batch)
+        l_cls = F.multilabel_soft_margin_loss(logits, y)
+        l_sce = recam_loss(m, feats, logits, y, masks)
+        loss = l_cls + lam * l_sce
+        return loss, {"loss": loss.item(), "loss_cls": l_cls.item(), "loss_sce": l_sce.item()}
+
+    return step_fn
+
+
+def run(params: Params, variant: str = "cam") -> dict:
+    if variant not in VARIANTS:
+        raise UserError(f"train-recam: variant must be one of {', '.join(VARIANTS)} (got {variant!r})")
+    source = getattr(params, "recam_scorecam_mask", "seeds")
+    if variant == "scorecam" and source not in MASK_SOURCES:
+        raise UserError(f"params.yaml: key 'recam_scorecam_mask' must be one of {', '.join(MASK_SOURCES)} "
+                        f"(got {source!r})")
+    name = stage_name(variant)
+    stage = f"train-{name}"
+    seed_everything(params.seed)
+    device = resolve_device(params.device)
+    model, cls_ckpt = load_classifier(checkpoint_path("cls"), device)
+    if model.recam_predictor is None:
+        model.add_recam_predictor()
+    train = open_split(params, params.train_split)
+    val = open_split(params, params.val_split)
+    if variant == "scorecam" and source == "seeds":
+        data = SeedMaskData(train, params.cls_crop, params.seed)
+    else:
+        data = ClassificationData(train, params.cls_crop, params.seed)
+    keys = {k: getattr(params, k) for k in TRAINING_KEYS}
+    if variant == "scorecam":
+        keys["recam_scorecam_mask"] = source
+        if source == "online":
+            keys.update({k: getattr(params, k) for k in SCORECAM_KEYS})
+    keys["variant"] = variant
+    keys["init"] = cls_ckpt.get("fingerprint")  # a retrained cls.pt invalidates a resume file
+    spec = LoopSpec(name, params.recam_epochs, params.recam_lr, params.cls_batch_size,
+                    params.cls_weight_decay, params.max_steps, keys)
+    step_fn = make_step_fn(params, variant, source)
+
+    with step_run("train-recam", params, method=name) as tracker:
+        logs = train_loop(spec, model, data, step_fn, out_dir("checkpoints"), device, tracker, params.seed,
+                          new_prefixes=("recam_predictor",),
+                          epoch_end=lambda m, e: classification_scores(m, val, device))
+        nan = float("nan")
+        metrics = {k: logs.get(k, nan) for k in ("loss", "loss_cls", "loss_sce", "val_map", "val_f1")}
+        metrics.update({"steps": int(logs["steps"]), "n_train": len(train), "variant": variant})
+        if variant == "scorecam":
+            metrics["mask_source"] = source
+        tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        write_json(out_dir("metrics", f"train_{name}.json"), metrics)
+    summary(stage, f"{metrics['steps']} steps, loss {metrics['loss']:.4f} (sce {metrics['loss_sce']:.4f}), "
+                   f"val mAP {metrics['val_map']:.3f}, val F1 {metrics['val_f1']:.3f}")
+    return metrics

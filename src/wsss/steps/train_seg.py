@@ -1,0 +1,127 @@
+"""Step ``train-seg``: the DeepLab-v3-style network (Chen et al. 2017) trained on the
+pseudo-masks of one seed method, the last stage of the IRN / ReCAM pipeline.
+
+``method`` names the pseudo-masks ``outputs/pseudo_masks/<method>/`` made on
+``params.seed_split``; ``method == "gt"`` trains on the ground-truth masks of
+``params.train_split`` instead (the fully supervised upper bound). Pixel-wise cross-entropy
+ignoring 255, SGD with polynomial decay (:func:`wsss.trainer.train_loop`, 10x learning rate
+on the ``head``), ``seg_epochs`` epochs of ``seg_batch_size`` random ``seg_crop`` crops.
+Writes ``outputs/checkpoints/seg-<method>.pt`` and ``outputs/metrics/train_seg/<method>.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import METHOD_CHECKPOINTS, Params, resolve_device, seed_everything
+from ..datasets import SegmentationData
+from ..errors import UserError
+from ..io import write_json
+from ..metrics import ConfusionMatrix
+from ..models.deeplab import build_deeplab
+from ..tracking import step_run
+from ..trainer import LoopSpec, train_loop
+from ..voc import VOID
+from .common import open_split, out_dir, summary
+
+GT = "gt"
+TRAINING_KEYS = ("seed", "dataset", "data_dir", "subset", "seg_backbone", "output_stride", "pretrained",
+                 "seg_epochs", "seg_batch_size", "seg_lr", "seg_crop", "cls_weight_decay", "max_steps")
+#: Validation images scored after every epoch (the full score is eval-seg's job).
+VAL_QUICK = 100
+
+
+def check_method(method: str) -> None:
+    if method != GT and method not in METHOD_CHECKPOINTS:
+        raise UserError(f"unknown method {method!r}; choose from gt, {', '.join(METHOD_CHECKPOINTS)}")
+
+
+def _mask_fingerprint(mask_dir) -> str:
+    """Names, sizes and mtimes of the pseudo-masks: a resume never mixes two sets of masks."""
+    h = hashlib.sha1()
+    for p in sorted(mask_dir.glob("*.png")):
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def quick_val_miou(model, voc, device, limit: int = VAL_QUICK, batch_size: int = 16) -> dict[str, float]:
+    """mIoU of single-scale, unflipped predictions on the first ``limit`` ids with a mask
+    (images of equal size batched together)."""
+    from ..datasets import to_tensor
+
+    ids = [i for i in voc.ids[:limit] if voc.mask_path(i).is_file()]
+    if not ids:
+        return {}
+    model.eval()
+    cm = ConfusionMatrix(21)
+    by_shape: dict[tuple, list[str]] = {}
+    for i in ids:
+        by_shape.setdefault(voc.image_size(i), []).append(i)
+    for group in by_shape.values():
+        for start in range(0, len(group), batch_size):
+            chunk = group[start:start + batch_size]
+            x = torch.stack([to_tensor(voc.image(i)) for i in chunk]).to(device)
+            preds = model(x).argmax(1).cpu().numpy()
+            for i, pred in zip(chunk, preds):
+                cm.update(pred, voc.mask(i))
+    return {"val_miou": cm.scores()["miou"]}
+
+
+def run(params: Params, method: str) -> dict:
+    check_method(method)
+    seed_everything(params.seed)
+    device = resolve_device(params.device)
+    keys = {k: getattr(params, k) for k in TRAINING_KEYS}
+    if method == GT:
+        train = open_split(params, params.train_split)
+        if not train.has_masks:
+            raise UserError(f"split '{params.train_split}' has ids without a ground-truth mask; "
+                            f"method 'gt' needs SegmentationClass/ masks for all of them")
+        mask_dir = None
+        keys["split"] = params.train_split
+    else:
+        train = open_split(params, params.seed_split)
+        mask_dir = out_dir("pseudo_masks", method)
+        if not mask_dir.is_dir():
+            raise UserError(f"{mask_dir}: pseudo-masks missing; run `python cli.py crf --method {method}` first")
+        keys["split"] = params.seed_split
+        keys["masks"] = _mask_fingerprint(mask_dir)
+    keys["method"] = method
+    if len(train) < params.seg_batch_size:
+        raise UserError(f"split '{train.split}' has {len(train)} images, fewer than seg_batch_size "
+                        f"{params.seg_batch_size}; lower key 'seg_batch_size'")
+    data = SegmentationData(train, params.seg_crop, mask_dir, params.seed)
+    val = open_split(params, params.val_split)
+    model = build_deeplab(params)
+    spec = LoopSpec(f"seg-{method}", params.seg_epochs, params.seg_lr, params.seg_batch_size,
+                    params.cls_weight_decay, params.max_steps, keys)
+
+    def step_fn(m, batch, step):
+        x, y = batch
+        logits = m(x)
+        if bool((y != VOID).any()):
+            loss = F.cross_entropy(logits, y, ignore_index=VOID)
+        else:  # a batch of crops with no labelled pixel: no gradient, but no NaN either
+            loss = logits.sum() * 0.0
+        return loss, {"loss": loss.item()}
+
+    with step_run("train-seg", params, method=method) as tracker:
+        logs = train_loop(spec, model, data, step_fn, out_dir("checkpoints"), device, tracker, params.seed,
+                          new_prefixes=("head",),
+                          epoch_end=lambda m, e: quick_val_miou(m, val, device))
+        metrics = {"method": method, "loss": logs.get("loss", float("nan")),
+                   "val_miou_quick": logs.get("val_miou", float("nan")),
+                   "steps": int(logs["steps"]), "n_train": len(train)}
+        tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        write_json(out_dir("metrics", "train_seg", f"{method}.json"),
+                   {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in metrics.items()})
+    summary("train-seg", f"{method}: {metrics['steps']} steps on {len(train)} images, loss {metrics['loss']:.4f}, "
+                         f"quick val mIoU {metrics['val_miou_quick']:.3f}")
+    return metrics
+

@@ -1,0 +1,78 @@
+"""Step ``train-sipe``: the classifier with SIPE's general-specific consistency loss.
+
+Chen, Yang, Lai and Xie, "Self-supervised Image-specific Prototype Exploration for Weakly
+Supervised Semantic Segmentation", CVPR 2022.
+
+Model: :class:`wsss.models.sipe.SIPEClassifier` (the classifier plus 1x1 side projections of
+layers 2-4 that form the hierarchical features), from the same initialisation as
+``train-cls`` (not from ``cls.pt``), trained for ``sipe_epochs`` at ``sipe_lr`` (batch
+``cls_batch_size``, crop ``cls_crop``; the classifier and side projections are new heads at
+10x the learning rate). Per step (math in :mod:`wsss.models.sipe`): normalised CAMs of the
+present classes and the background 1 - max_c CAM, structure-aware seeds from the pixel
+correlation of the hierarchical features, image-specific prototypes over the seed regions,
+IS-CAM = ReLU(cos(f, p_k)), and
+
+    L = L_soft-margin(z, y) + sipe_lambda * L_gsc,   L_gsc = mean |CAM_k - IS-CAM_k|
+
+over the background and the present classes.
+
+Writes ``outputs/checkpoints/sipe.pt`` (spec ``kind: sipe``; load it with
+:func:`wsss.models.sipe.load_any`) and ``outputs/metrics/train_sipe.json``.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from ..config import Params, resolve_device, seed_everything
+from ..datasets import ClassificationData
+from ..io import write_json
+from ..models.sipe import build_sipe, gsc_loss, sipe_outputs
+from ..tracking import step_run
+from ..trainer import LoopSpec, classification_scores, train_loop
+from .common import open_split, out_dir, summary
+
+NAME = "sipe"
+TRAINING_KEYS = ("seed", "dataset", "data_dir", "train_split", "subset", "backbone", "output_stride",
+                 "pretrained", "sipe_epochs", "sipe_lr", "sipe_lambda", "cls_batch_size",
+                 "cls_weight_decay", "cls_crop", "max_steps")
+NEW_HEADS = ("classifier", "side")
+
+
+def make_step_fn(params: Params):
+    lam = params.sipe_lambda
+
+    def step_fn(m, batch, step):
+        x, y = batch[0], batch[1]
+        out = sipe_outputs(m, x, y)
+        l_cls = F.multilabel_soft_margin_loss(out["logits"], y)
+        l_gsc = gsc_loss(out["maps"], out["iscam"], out["valid"])
+        loss = l_cls + lam * l_gsc
+        return loss, {"loss": loss.item(), "loss_cls": l_cls.item(), "loss_gsc": l_gsc.item()}
+
+    return step_fn
+
+
+def run(params: Params) -> dict:
+    seed_everything(params.seed)
+    device = resolve_device(params.device)
+    train = open_split(params, params.train_split)
+    val = open_split(params, params.val_split)
+    data = ClassificationData(train, params.cls_crop, params.seed)
+    model = build_sipe(params)
+    spec = LoopSpec(NAME, params.sipe_epochs, params.sipe_lr, params.cls_batch_size,
+                    params.cls_weight_decay, params.max_steps,
+                    {k: getattr(params, k) for k in TRAINING_KEYS})
+
+    with step_run("train-sipe", params, method=NAME) as tracker:
+        logs = train_loop(spec, model, data, make_step_fn(params), out_dir("checkpoints"), device, tracker,
+                          params.seed, new_prefixes=NEW_HEADS,
+                          epoch_end=lambda m, e: classification_scores(m, val, device))
+        nan = float("nan")
+        metrics = {k: logs.get(k, nan) for k in ("loss", "loss_cls", "loss_gsc", "val_map", "val_f1")}
+        metrics.update({"steps": int(logs["steps"]), "n_train": len(train)})
+        tracker.log_metrics({f"final_{k}": v for k, v in metrics.items()})
+        write_json(out_dir("metrics", f"train_{NAME}.json"), metrics)
+    summary("train-sipe", f"{metrics['steps']} steps, loss {metrics['loss']:.4f} (gsc {metrics['loss_gsc']:.4f}), "
+                          f"val mAP {metrics['val_map']:.3f}, val F1 {metrics['val_f1']:.3f}")
+    return metrics

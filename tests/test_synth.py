@@ -1,0 +1,181 @@
+"""The synthetic VOC world: determinism, VOC validity and the designed failure modes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from wsss import synth, voc
+from wsss.config import Params
+from wsss.errors import UserError
+
+SMALL = dict(synth_n_train=6, synth_n_val=3, synth_size=64)
+
+
+def small(**kw) -> Params:
+    return Params(**{**SMALL, **kw}).validate()
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("a") / "VOC2012"
+    return root, synth.generate(root, small())
+
+
+def test_byte_identical_for_same_params(world, tmp_path):
+    root, _ = world
+    again = tmp_path / "VOC2012"
+    synth.generate(again, small())
+    a, b = tree_bytes(root), tree_bytes(again)
+    assert sorted(a) == sorted(b)
+    assert len(a) == 9 * 3 + 3 + 2  # jpg/png/xml per id, 3 split lists, cls_labels.npy, README.txt
+    for name in a:
+        assert a[name] == b[name], name
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
+
+
+def test_other_seed_differs(world, tmp_path):
+    root, _ = world
+    other = tmp_path / "VOC2012"
+    synth.generate(other, small(synth_seed=1))
+    a, b = tree_bytes(root), tree_bytes(other)
+    assert a["JPEGImages/2026_000001.jpg"] != b["JPEGImages/2026_000001.jpg"]
+
+
+def test_regenerate_replaces_world(tmp_path):
+    root = tmp_path / "VOC2012"
+    synth.generate(root, small(synth_n_train=4, synth_n_val=2))
+    synth.generate(root, small())
+    assert len(voc.read_split(root, "train")) == 6
+    assert not (root / "JPEGImages" / "2026_000010.jpg").exists()
+
+
+def test_tree_is_valid_voc(world):
+    root, summary = world
+    voc.validate(root, ["train", "val", "train_aug"])
+    report = voc.check(root)
+    assert report["problems"] == []
+    assert report["splits"] == {"train": 6, "train_aug": 6, "val": 3}
+    assert summary["splits"] == {"train": 6, "val": 3, "train_aug": 6}
+    assert summary["class_counts"]["train"] == report["class_counts"]["train"]
+    assert voc.read_split(root, "train") == [f"2026_{i:06d}" for i in range(1, 7)]
+    assert voc.read_split(root, "val") == [f"2026_{i:06d}" for i in range(7, 10)]
+    assert "synthetic" in (root / "README.txt").read_text().lower()
+    with Image.open(root / "SegmentationClass" / "2026_000001.png") as m:
+        assert m.mode == "P" and m.getpalette()[:768] == voc.PALETTE
+
+
+def test_labels_agree_and_every_image_has_a_class(world):
+    root, _ = world
+    cls = voc.load_cls_labels(root / "cls_labels.npy")
+    for split in ("train", "val"):
+        ds = voc.VOCDataset(root, split)
+        for image_id in ds.ids:
+            mask = ds.mask(image_id)
+            assert ds.image(image_id).shape == (64, 64, 3)
+            from_mask = voc.labels_from_mask(mask)
+            assert from_mask.sum() >= 1
+            np.testing.assert_array_equal(cls[image_id], from_mask)
+            np.testing.assert_array_equal(voc.labels_from_xml(ds.xml_path(image_id)), from_mask)
+            assert set(np.unique(mask)) <= set(range(21)) | {255}
+
+
+def test_void_band(world, tmp_path):
+    root, _ = world
+    ds = voc.VOCDataset(root, "train")
+    for image_id in ds.ids:
+        assert (ds.mask(image_id) == voc.VOID).any()
+    sample = synth.render(small(synth_void_width=0), 0)
+    assert not (sample.mask == voc.VOID).any()
+    # the band separates every object from the background: no object pixel touches background
+    m = synth.render(small(synth_void_width=2), 0).mask
+    fg, bg = (m > 0) & (m < 255), m == 0
+    assert not (fg[:, 1:] & bg[:, :-1]).any() and not (fg[:, :-1] & bg[:, 1:]).any()
+
+
+def test_parts_are_small_and_discriminative():
+    p = Params(synth_n_train=40)
+    part_areas, body_areas = [], []
+    for i in range(40):
+        s = synth.render(p, i)
+        for o in s.objects:
+            assert not (o.part & ~o.shape).any()  # the part lies inside the object
+            assert o.part.any()
+            part_areas.append(o.part.sum())
+            body_areas.append(o.body.sum())
+        assert not (synth.part_mask(s) & (s.mask == 0)).any()  # visible parts are labelled object
+    assert np.mean(part_areas) < 0.25 * np.mean(body_areas)
+    # each part (colour, pattern) is unique to one class; each body is shared by five classes
+    codes = [synth.part_code(c) for c in range(20)]
+    assert len(set(codes)) == 20
+    groups = [synth.body_group(c) for c in range(20)]
+    assert sorted(groups.count(g) for g in set(groups)) == [5, 5, 5, 5]
+
+
+def test_cooccurrence_pairs_appear():
+    pairs = {(voc.CLASSES.index(a), voc.CLASSES.index(b)) for a, bs in synth.COOCCUR.items() for b in bs}
+
+    def pair_rate(cooccur: float) -> float:
+        p = Params(synth_size=48, synth_max_objects=3, synth_cooccur=cooccur)
+        hits = 0
+        for i in range(40):
+            present = set(np.flatnonzero(synth.render(p, i).labels()))
+            hits += any((a, b) in pairs for a in present for b in present)
+        return hits / 40
+
+    high, low = pair_rate(1.0), pair_rate(0.0)
+    assert high > 0.4 and high > low + 0.2
+
+
+def test_context_follows_first_class():
+    p = Params(synth_size=48, synth_context=1.0)
+    for i in range(20):
+        s = synth.render(p, i)
+        assert s.context == synth.CONTEXT_OF[voc.CLASSES[s.objects[0].cls]]
+
+
+def test_occlusion_control():
+    def overlapped(occlusion: float) -> int:
+        p = Params(synth_size=64, synth_max_objects=4, synth_occlusion=occlusion)
+        n = 0
+        for i in range(30):
+            n += sum(int((o.visible != o.shape).any()) for o in synth.render(p, i).objects)
+        return n
+
+    assert overlapped(0.0) == 0
+    assert overlapped(0.6) > 0
+
+
+def test_scale_and_object_count():
+    p = Params(synth_size=96, synth_max_objects=3)
+    counts = [len(synth.render(p, i).objects) for i in range(40)]
+    assert min(counts) >= 1 and max(counts) <= 3 and len(set(counts)) > 1
+
+
+def test_refuses_to_overwrite_other_data(tmp_path):
+    real = tmp_path / "VOC2012"
+    real.mkdir()
+    (real / "JPEGImages").mkdir()
+    with pytest.raises(UserError, match="not a synthetic world"):
+        synth.generate(real, small())
+    assert (real / "JPEGImages").is_dir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    with pytest.raises(UserError, match="symlink"):
+        synth.generate(link, small())
+
+
+def test_preview(world, tmp_path):
+    root, _ = world
+    out = tmp_path / "preview.png"
+    synth.preview(root, out, n=4)
+    with Image.open(out) as img:
+        assert img.mode == "RGB" and img.width > img.height > 0
+        assert img.width == 2 + 4 * (96 + 2) and img.height == 2 + 2 * (96 + 2)

@@ -1,0 +1,323 @@
+"""ReCAM, Puzzle-CAM and SIPE training stages: golden checks of their math on hand-built
+cases, and one tiny training run of each stage (checkpoint written and reloadable)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from wsss.config import Params  # noqa: E402
+from wsss.datasets import random_scale_flip_crop  # noqa: E402
+from wsss.errors import UserError  # noqa: E402
+from wsss.io import save_npz, save_torch  # noqa: E402
+from wsss.models import sipe as msipe  # noqa: E402
+from wsss.models.classifier import Classifier, build_classifier, load_classifier  # noqa: E402
+from wsss.steps import train_puzzle, train_recam, train_sipe  # noqa: E402
+
+
+# ---------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """A tiny synthetic VOC world (8 train, 4 val images of 48 px)."""
+    from wsss.synth import generate
+
+    root = tmp_path_factory.mktemp("world") / "VOC2012"
+    generate(root, Params(synth_n_train=8, synth_n_val=4, synth_size=48))
+    return root
+
+
+@pytest.fixture()
+def params(world, tmp_path, monkeypatch) -> Params:
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.setenv("WSSS_TRACKING", "0")
+    return Params(data_dir=str(world), backbone="resnet18", cls_batch_size=4, cls_crop=32, max_steps=2,
+                  recam_epochs=1, puzzle_epochs=1, sipe_epochs=1, scorecam_chunk=128,
+                  cam_scales=[1.0], cam_flip=False)
+
+
+def write_cls_checkpoint(params: Params, root: Path) -> Path:
+    torch.manual_seed(0)
+    model = build_classifier(params)
+    path = root / "outputs" / "checkpoints" / "cls.pt"
+    save_torch(path, {"spec": model.spec(), "model": model.state_dict(), "steps": 0, "fingerprint": "test"})
+    return path
+
+
+def read_metrics(root: Path, name: str) -> dict:
+    return json.loads((root / "outputs" / "metrics" / f"train_{name}.json").read_text())
+
+
+# ---------------------------------------------------------------------------- ReCAM math
+class _Pred(nn.Module):
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        k, c = weight.shape
+        self.recam_predictor = nn.Conv2d(c, k, 1, bias=False)
+        with torch.no_grad():
+            self.recam_predictor.weight.copy_(weight[:, :, None, None])
+
+
+def test_recam_loss_hand_built():
+    # one image, 2 pixels, 2 channels; class 0 lives on pixel 0, class 1 on pixel 1
+    feats = torch.tensor([[[[2.0, 0.0]], [[0.0, 4.0]]]])  # (1, 2, 1, 2)
+    masks = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])  # (1, 2, 1, 2)
+    labels = torch.tensor([[1.0, 1.0]])
+    model = _Pred(torch.eye(2))
+    # f_0 = mean(A * M_0) = (1, 0), f_1 = (0, 2); W' = I so p = f
+    expected = 0.5 * (-math.log(math.e / (math.e + 1)) - math.log(math.e ** 2 / (1 + math.e ** 2)))
+    loss = train_recam.recam_loss(model, feats, None, labels, masks)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    # an absent class does not count
+    only0 = train_recam.recam_loss(model, feats, None, torch.tensor([[1.0, 0.0]]), masks)
+    assert only0.item() == pytest.approx(-math.log(math.e / (math.e + 1)), rel=1e-6)
+    # no class at all: zero, still differentiable
+    none = train_recam.recam_loss(model, feats.requires_grad_(), None, torch.zeros(1, 2), masks)
+    assert none.item() == 0.0 and none.requires_grad
+
+
+def test_recam_loss_matches_loop_and_cam_masks():
+    torch.manual_seed(0)
+    model = Classifier("resnet18", 16, "none", recam=True)
+    feats = torch.rand(3, 512, 3, 4)
+    labels = torch.zeros(3, 20)
+    labels[0, [1, 5]] = 1
+    labels[2, 7] = 1
+    masks = torch.rand(3, 20, 3, 4)
+    vec = train_recam.recam_loss(model, feats, None, labels, masks)
+    terms = []
+    for b, c in labels.nonzero().tolist():
+        f = (feats[b] * masks[b, c]).mean((1, 2))
+        p = model.recam_predictor.weight[:, :, 0, 0] @ f
+        terms.append(F.cross_entropy(p[None], torch.tensor([c])))
+    assert vec.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
+    # default masks: the detached, max-normalised CAM of the features
+    cams = F.relu(F.conv2d(feats, model.classifier.weight))
+    cams = cams / (cams.amax((2, 3), keepdim=True) + 1e-5)
+    assert train_recam.recam_loss(model, feats, None, labels).item() == pytest.approx(
+        train_recam.recam_loss(model, feats, None, labels, cams).item(), rel=1e-6)
+
+
+def test_joint_crop_moves_maps_with_the_image():
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)
+    maps = np.stack([image[..., 0], image[..., 2], image[..., 1], 255 - image[..., 0]])
+    img, out = train_recam.joint_scale_flip_crop(np.random.default_rng((1, 2, 3)), image, maps, 48)
+    ref, _ = random_scale_flip_crop(np.random.default_rng((1, 2, 3)), image, None, 48)
+    assert np.array_equal(img, ref)  # the image crop is the one ClassificationData makes
+    assert out.shape == (4, 48, 48)
+    assert np.array_equal(out[0], img[..., 0]) and np.array_equal(out[1], img[..., 2])
+    assert np.array_equal(out[2], img[..., 1])
+
+
+def test_pool_masks_to_feature_size():
+    maps = torch.zeros(1, 2, 8, 8)
+    maps[0, 0, :4, :4] = 0.5
+    out = train_recam.pool_masks(maps, (2, 2))
+    assert out.shape == (1, 2, 2, 2)
+    assert out[0, 0, 0, 0].item() == pytest.approx(1.0, abs=1e-4) and out[0, 0, 1, 1].item() == 0.0
+    assert out[0, 1].abs().sum().item() == 0.0
+
+
+# ---------------------------------------------------------------------------- Puzzle-CAM math
+@pytest.mark.parametrize("shape", [(2, 3, 8, 12), (1, 20, 6, 6)])
+def test_puzzle_tiles_round_trip(shape):
+    x = torch.randn(shape)
+    tiles = train_puzzle.split_tiles(x)
+    assert tiles.shape == (4 * shape[0], shape[1], shape[2] // 2, shape[3] // 2)
+    assert torch.equal(tiles[shape[0]], x[0, :, : shape[2] // 2, shape[3] // 2:])  # top-right of image 0
+    assert torch.equal(train_puzzle.merge_tiles(tiles), x)
+
+
+def test_puzzle_padding_and_alpha():
+    x = torch.randn(2, 3, 33, 40)
+    p = train_puzzle.pad_to_multiple(x, 32)
+    assert p.shape[-2:] == (64, 64) and torch.equal(p[..., :33, :40], x) and p[..., 33:, :].abs().sum() == 0
+    assert train_puzzle.alpha_at(0, 100, 4.0) == 0.0
+    assert train_puzzle.alpha_at(25, 100, 4.0) == pytest.approx(2.0)
+    assert train_puzzle.alpha_at(50, 100, 4.0) == train_puzzle.alpha_at(99, 100, 4.0) == 4.0
+
+
+def test_puzzle_losses_odd_crop():
+    torch.manual_seed(0)
+    model = Classifier("resnet18", 16, "none").train()
+    x = torch.randn(2, 3, 37, 37)
+    y = torch.zeros(2, 20)
+    y[0, 3] = y[1, 4] = 1
+    t = train_puzzle.puzzle_losses(model, x, y)
+    assert set(t) == {"cls", "pcls", "re"} and all(torch.isfinite(v) for v in t.values())
+    (t["cls"] + t["pcls"] + t["re"]).backward()
+    # GAP of the logit-level maps is the classifier output
+    model.eval()
+    xp = train_puzzle.pad_to_multiple(x, 32)
+    assert torch.allclose(train_puzzle.class_maps(model, xp).mean((2, 3)), model(xp), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- SIPE math
+def test_sipe_prototypes_and_iscam_hand_made():
+    # 2x2 pixels: left column looks like e1 (an object of class 3), right column like e2
+    e1, e2 = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 2.0, 0.0])
+    hie = torch.stack([e1, e2, e1, e2], dim=1).view(1, 3, 2, 2)
+    labels = torch.zeros(1, 20)
+    labels[0, 3] = 1
+    raw = torch.zeros(1, 20, 2, 2)
+    raw[0, 3, :, 0] = 5.0
+    maps = msipe.normalised_cams(raw, labels)
+    assert maps.shape == (1, 21, 2, 2)
+    assert torch.allclose(maps[0, 4, :, 0], torch.ones(2), atol=1e-5)  # class 3 at channel 4
+    assert torch.allclose(maps[0, 0], torch.tensor([[0.0, 1.0], [0.0, 1.0]]), atol=1e-5)  # background
+    valid = msipe.valid_channels(labels)
+    assert valid[0].nonzero().flatten().tolist() == [0, 4]
+    S = msipe.correlation(hie)
+    assert torch.allclose(S[0].diagonal(), torch.ones(4))  # cosine of a feature with itself
+    seeds = msipe.structure_seeds(hie, maps, valid)
+    assert seeds.tolist() == [[4, 0, 4, 0]]
+    protos = msipe.prototypes(hie, seeds, 21)
+    assert torch.allclose(protos[0, 4], e1) and torch.allclose(protos[0, 0], e2)
+    assert protos[0, 1].abs().sum() == 0  # empty region: zero prototype
+    isc = msipe.is_cams(hie, protos)
+    assert torch.allclose(isc[0, 4], torch.tensor([[1.0, 0.0], [1.0, 0.0]]), atol=1e-5)
+    assert torch.allclose(isc[0, 0], torch.tensor([[0.0, 1.0], [0.0, 1.0]]), atol=1e-5)
+    assert isc[0, 1].abs().sum() == 0
+    assert msipe.gsc_loss(maps, isc, valid).item() == pytest.approx(0.0, abs=1e-5)
+    # the loss counts only the background and present classes, averaged over pixels
+    off = isc.clone()
+    off[0, 4] = 0.0
+    off[0, 9] = 7.0  # absent class: ignored
+    assert msipe.gsc_loss(maps, off, valid).item() == pytest.approx(0.25, abs=1e-5)
+
+
+def test_sipe_model_forward_and_spec():
+    torch.manual_seed(0)
+    model = msipe.SIPEClassifier("resnet18", 16, "none")
+    torch.manual_seed(0)
+    plain = Classifier("resnet18", 16, "none")
+    assert torch.equal(model.classifier.weight, plain.classifier.weight)  # same init as train-cls
+    y = torch.zeros(2, 20)
+    y[0, 1] = 1
+    out = msipe.sipe_outputs(model, torch.randn(2, 3, 40, 40), y)
+    assert out["iscam"].shape == (2, 21, 3, 3) and out["maps"].shape == (2, 21, 3, 3)
+    assert out["seeds"].shape == (2, 9) and set(out["seeds"][1].tolist()) == {0}
+    assert model.spec()["kind"] == "sipe"
+
+
+# ---------------------------------------------------------------------------- tiny runs
+def test_train_recam_cam_run(params, tmp_path):
+    with pytest.raises(UserError, match="cls.pt"):
+        train_recam.run(params)
+    write_cls_checkpoint(params, tmp_path)
+    metrics = train_recam.run(params)
+    assert metrics["steps"] == 2 and math.isfinite(metrics["loss_sce"])
+    assert read_metrics(tmp_path, "recam")["steps"] == 2
+    model, ckpt = load_classifier(tmp_path / "outputs" / "checkpoints" / "recam.pt")
+    assert model.recam_predictor is not None and ckpt["spec"]["recam"]
+    from wsss.cams.cam import ReCAM
+
+    cams = ReCAM(model, params)(np.zeros((40, 44, 3), np.uint8), [2, 5])
+    assert cams.shape == (2, 40, 44)
+
+
+def test_train_recam_scorecam_seeds(params, tmp_path):
+    write_cls_checkpoint(params, tmp_path)
+    with pytest.raises(UserError, match="seeds --method scorecam"):
+        train_recam.run(params, "scorecam")
+    from wsss.voc import VOCDataset
+
+    voc = VOCDataset(Path(params.data_dir), "train")
+    folder = tmp_path / "outputs" / "seeds" / "scorecam"
+    rng = np.random.default_rng(0)
+    for id_ in voc.ids:
+        keys = np.flatnonzero(voc.labels(id_)).astype(np.int64)
+        h, w = voc.image_size(id_)
+        save_npz(folder / f"{id_}.npz", keys=keys, cams=rng.random((len(keys), h, w)).astype(np.float32))
+    data = train_recam.SeedMaskData(voc, params.cls_crop, params.seed)
+    x, y, idx, maps = data[0]
+    assert maps.shape == (20, 32, 32) and x.shape == (3, 32, 32)
+    assert (maps.flatten(1).amax(1) > 0).tolist() == (y > 0).tolist()
+    metrics = train_recam.run(params, "scorecam")
+    assert metrics["steps"] == 2 and metrics["mask_source"] == "seeds"
+    assert read_metrics(tmp_path, "recam-scorecam")["variant"] == "scorecam"
+    model, _ = load_classifier(tmp_path / "outputs" / "checkpoints" / "recam-scorecam.pt")
+    assert model.recam_predictor is not None
+
+
+def test_train_recam_scorecam_online_batch3_odd_crop(params, tmp_path):
+    # correct Score-CAM of the current model per step; batch 3, odd crop (17 px keeps the
+    # 512 forwards per image cheap)
+    p = dataclasses.replace(params, cls_batch_size=3, cls_crop=17, max_steps=1)
+    p.recam_scorecam_mask = "online"
+    write_cls_checkpoint(p, tmp_path)
+    metrics = train_recam.run(p, "scorecam")
+    assert metrics["steps"] == 1 and metrics["mask_source"] == "online" and math.isfinite(metrics["loss"])
+    model, _ = load_classifier(tmp_path / "outputs" / "checkpoints" / "recam-scorecam.pt")
+    assert model.recam_predictor is not None
+
+
+def test_recam_online_study_step():
+    # the student project's batch Score-CAM as the mask source: one training step
+    p = Params(scorecam_variant="study", scorecam_chunk=256)
+    torch.manual_seed(0)
+    model = Classifier("resnet18", 16, "none", recam=True).train()
+    x = torch.randn(3, 3, 17, 17)
+    y = torch.zeros(3, 20)
+    y[0, 2] = y[1, 5] = y[2, 2] = y[2, 9] = 1
+    twin = copy.deepcopy(model)
+    step = train_recam.make_step_fn(p, "scorecam", "online")
+    loss, logs = step(model, (x, y, torch.arange(3)), 0)
+    assert math.isfinite(loss.item()) and logs["loss_sce"] > 0
+    loss.backward()
+    assert model.recam_predictor.weight.grad is not None and model.training
+    # the Score-CAM forwards ran in eval mode: BatchNorm statistics moved by the one training
+    # forward only
+    twin.features(x)
+    for a, b in zip(model.modules(), twin.modules()):
+        if isinstance(a, nn.BatchNorm2d):
+            assert torch.allclose(a.running_mean, b.running_mean, atol=1e-6)
+
+
+def test_train_recam_bad_mask_source(params, tmp_path):
+    params.recam_scorecam_mask = "nope"
+    with pytest.raises(UserError, match="recam_scorecam_mask"):
+        train_recam.run(params, "scorecam")
+
+
+def test_train_puzzle_run(params, tmp_path):
+    metrics = train_puzzle.run(params)
+    assert metrics["steps"] == 2 and math.isfinite(metrics["loss_re"])
+    assert read_metrics(tmp_path, "puzzlecam")["steps"] == 2
+    model, _ = load_classifier(tmp_path / "outputs" / "checkpoints" / "puzzlecam.pt")
+    assert model.recam_predictor is None
+
+
+def test_train_sipe_run_and_iscam(params, tmp_path):
+    metrics = train_sipe.run(params)
+    assert metrics["steps"] == 2 and math.isfinite(metrics["loss_gsc"])
+    assert read_metrics(tmp_path, "sipe")["steps"] == 2
+    path = tmp_path / "outputs" / "checkpoints" / "sipe.pt"
+    model, ckpt = msipe.load_any(path)
+    assert isinstance(model, msipe.SIPEClassifier) and ckpt["spec"]["kind"] == "sipe"
+    with pytest.raises(UserError):
+        load_classifier(path)  # a plain classifier loader refuses it; load_any dispatches
+    from wsss.cams.sipe import ISCAM
+
+    image = np.random.default_rng(0).integers(0, 256, (44, 40, 3), dtype=np.uint8)
+    cams = ISCAM(model, dataclasses.replace(params, cam_scales=[1.0, 1.5], cam_flip=True))(image, [3, 7])
+    assert cams.shape == (2, 44, 40) and cams.dtype == np.float32
+    assert cams.min() >= 0 and cams.max() <= 1
+    with pytest.raises(UserError, match="SIPE"):
+        ISCAM(build_classifier(params), params)
+    # load_any reads plain checkpoints too
+    write_cls_checkpoint(params, tmp_path)
+    plain, _ = msipe.load_any(tmp_path / "outputs" / "checkpoints" / "cls.pt")
+    assert type(plain) is Classifier
