@@ -246,8 +246,8 @@ def test_train_recam_scorecam_seeds(params, tmp_path):
     assert maps.shape == (20, 32, 32) and x.shape == (3, 32, 32)
     assert (maps.flatten(1).amax(1) > 0).tolist() == (y > 0).tolist()
     metrics = train_recam.run(params, "scorecam")
-    assert metrics["steps"] == 2 and metrics["mask_source"] == "seeds"
-    assert read_metrics(tmp_path, "recam-scorecam")["variant"] == "scorecam"
+    assert metrics["steps"] == 2 and math.isfinite(metrics["loss_sce"])
+    assert read_metrics(tmp_path, "recam-scorecam")["steps"] == 2
     model, _ = load_classifier(tmp_path / "outputs" / "checkpoints" / "recam-scorecam.pt")
     assert model.recam_predictor is not None
 
@@ -259,7 +259,7 @@ def test_train_recam_scorecam_online_batch3_odd_crop(params, tmp_path):
     p.recam_scorecam_mask = "online"
     write_cls_checkpoint(p, tmp_path)
     metrics = train_recam.run(p, "scorecam")
-    assert metrics["steps"] == 1 and metrics["mask_source"] == "online" and math.isfinite(metrics["loss"])
+    assert metrics["steps"] == 1 and math.isfinite(metrics["loss"])
     model, _ = load_classifier(tmp_path / "outputs" / "checkpoints" / "recam-scorecam.pt")
     assert model.recam_predictor is not None
 

@@ -51,6 +51,7 @@ class Params:
     synth_seed: int = 0
     synth_n_train: int = 240
     synth_n_val: int = 80
+    synth_n_extra: int = 0  # extra images listed only in train_aug (like SBD)
     synth_size: int = 96
     synth_max_objects: int = 3
     synth_cooccur: float = 0.5
@@ -79,6 +80,7 @@ class Params:
     scorecam_chunk: int = 64
     scorecam_variant: str = "correct"  # correct | study
     scorecam_baseline: bool = True
+    scorecam_score: str = "sigmoid"  # sigmoid | logit: f_c in Score-CAM's channel scores
     scorecam_scales: list[float] = field(default_factory=lambda: [1.0])  # one forward per channel per pass
     scorecam_flip: bool = False
     threshold: float = 0.21
@@ -143,6 +145,7 @@ class Params:
         choice("backbone", ["resnet18", "resnet34", "resnet50"])
         choice("seg_backbone", ["resnet18", "resnet34", "resnet50"])
         choice("scorecam_variant", ["correct", "study"])
+        choice("scorecam_score", ["sigmoid", "logit"])
         choice("recam_scorecam_mask", ["seeds", "online"])
         if self.output_stride not in (8, 16, 32):
             raise bad("output_stride", f"must be 8, 16 or 32 (got {self.output_stride})")
@@ -152,7 +155,7 @@ class Params:
                  "sipe_lr", "crf_iters", "seg_epochs", "seg_batch_size", "seg_lr", "seg_crop")
         if self.synth_size < 32:
             raise bad("synth_size", f"must be >= 32 (got {self.synth_size})")
-        for k in ("num_workers", "subset", "max_steps", "synth_void_width", "cls_weight_decay",
+        for k in ("num_workers", "subset", "synth_n_extra", "max_steps", "synth_void_width", "cls_weight_decay",
                   "recam_lambda", "puzzle_alpha", "sipe_lambda"):
             if getattr(self, k) < 0:
                 raise bad(k, f"must be >= 0 (got {getattr(self, k)!r})")

@@ -149,6 +149,13 @@ def split_ids(p: Params) -> tuple[list[str], list[str]]:
     return ids[: p.synth_n_train], ids[p.synth_n_train:]
 
 
+def extra_ids(p: Params) -> list[str]:
+    """Ids of the extra images that only ``train_aug`` lists (after val), as SBD extends VOC's
+    train list: more image-level labels for the classifier, same world."""
+    start = p.synth_n_train + p.synth_n_val
+    return [f"{ID_YEAR}_{i + 1:06d}" for i in range(start, start + p.synth_n_extra)]
+
+
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int, channels: int = 1) -> np.ndarray:
     """Low-frequency noise in [-1, 1]: a random ``(cells+1)^2`` grid upsampled bilinearly to HxWxC."""
     grid = rng.uniform(-1.0, 1.0, size=(cells + 1, cells + 1, channels))
@@ -296,7 +303,7 @@ def render(p: Params, index: int) -> Sample:
         group = body_group(cls)
         placed = None
         for _attempt in range(20):
-            extent = rng.uniform(0.15, 0.6) * size  # longer side of the body
+            extent = rng.uniform(0.25, 0.6) * size  # longer side of the body
             aspect = rng.uniform(*_BODY_ASPECT[group])
             w, h = (extent, extent / aspect) if aspect >= 1 else (extent * aspect, extent)
             w, h = max(w, min_side) / 2, max(h, min_side) / 2
@@ -320,7 +327,8 @@ def render(p: Params, index: int) -> Sample:
             continue
         shape, u, v, w, h = placed
         body_img = _body_texture(rng, group, size, u, v)
-        radius = max(2.0, 0.2 * min(w, h) * 2)
+        # a part must stay legible after JPEG: stripes/checkers have a 4 px period
+        radius = max(4.0, 0.45 * min(w, h))
         part, part_img = _draw_part(rng, cls, shape, size, radius, margin=1.0 + p.synth_void_width / 2)
         canvas[shape] = body_img[shape]
         canvas[part] = part_img[part]
@@ -389,7 +397,7 @@ def _annotation_xml(image_id: str, sample: Sample) -> str:
     return "\n".join(lines) + "\n"
 
 
-_PARAM_KEYS = ("synth_seed", "synth_n_train", "synth_n_val", "synth_size", "synth_max_objects",
+_PARAM_KEYS = ("synth_seed", "synth_n_train", "synth_n_val", "synth_n_extra", "synth_size", "synth_max_objects",
                "synth_cooccur", "synth_context", "synth_occlusion", "synth_void_width")
 
 
@@ -430,8 +438,11 @@ def generate(out_root: Path, p: Params) -> dict:
     out_root = Path(out_root)
     _check_out_root(out_root)
     train_ids, val_ids = split_ids(p)
-    all_ids = train_ids + val_ids
-    counts = {"train": np.zeros(NUM_CLASSES, np.int64), "val": np.zeros(NUM_CLASSES, np.int64)}
+    aug_ids = train_ids + extra_ids(p)
+    all_ids = train_ids + val_ids + extra_ids(p)
+    split_of = {i: "train" for i in train_ids} | {i: "val" for i in val_ids}
+    counts = {"train": np.zeros(NUM_CLASSES, np.int64), "val": np.zeros(NUM_CLASSES, np.int64),
+              "train_aug": np.zeros(NUM_CLASSES, np.int64)}
     pairs = {(a, b) for a, bs in COOCCUR.items() for b in bs}
     n_objects = n_pair_images = 0
     void = total = 0
@@ -449,20 +460,23 @@ def generate(out_root: Path, p: Params) -> dict:
             (tmp / "Annotations" / f"{image_id}.xml").write_text(_annotation_xml(image_id, sample))
             vec = sample.labels()
             labels[image_id] = vec
-            counts["train" if index < len(train_ids) else "val"] += vec.astype(bool)
+            if image_id in split_of:
+                counts[split_of[image_id]] += vec.astype(bool)
+            if split_of.get(image_id) != "val":
+                counts["train_aug"] += vec.astype(bool)
             n_objects += len(sample.objects)
             present = [CLASSES[c] for c in np.flatnonzero(vec)]
             n_pair_images += any((a, b) in pairs for a in present for b in present)
             void += int((sample.mask == VOID).sum())
             total += sample.mask.size
         split_dir = tmp / "ImageSets" / "Segmentation"
-        for name, ids in (("train", train_ids), ("val", val_ids), ("train_aug", train_ids)):
+        for name, ids in (("train", train_ids), ("val", val_ids), ("train_aug", aug_ids)):
             (split_dir / f"{name}.txt").write_text("".join(f"{i}\n" for i in ids))
         save_cls_labels(tmp / "cls_labels.npy", labels)
         (tmp / "README.txt").write_text(_readme(p))
     return {
         "root": str(out_root),
-        "splits": {"train": len(train_ids), "val": len(val_ids), "train_aug": len(train_ids)},
+        "splits": {"train": len(train_ids), "val": len(val_ids), "train_aug": len(aug_ids)},
         "class_counts": {s: {c: int(n) for c, n in zip(CLASSES, v)} for s, v in counts.items()},
         "objects": n_objects,
         "cooccur_images": int(n_pair_images),

@@ -152,14 +152,14 @@ class SeedMaskData(ClassificationData):
     stage: yields (image, label, idx, maps (K, crop, crop) float32 in [0, 1])."""
 
     def __init__(self, voc, crop: int, seed: int = 0, folder=None):
-        super().__init__(voc, crop, seed)
         self.folder = folder if folder is not None else seeds_folder()
-        for id_, image in zip(self.voc.ids, self.images):
-            path = self.folder / f"{id_}.npz"
-            if not path.is_file():
-                raise UserError(f"{path}: Score-CAM seeds missing; run `python cli.py seeds --method scorecam` "
-                                f"first (with seed_split covering train_split '{voc.split}'), or set "
-                                f"recam_scorecam_mask: online")
+        missing = [i for i in voc.ids if not (self.folder / f"{i}.npz").is_file()]
+        if missing:
+            raise UserError(f"{self.folder / (missing[0] + '.npz')}: Score-CAM seeds missing ({len(missing)} of "
+                            f"{len(voc.ids)} training images); run `python cli.py seeds --method scorecam` first "
+                            f"(with seed_split covering train_split '{voc.split}'), or set "
+                            f"recam_scorecam_mask: online")
+        super().__init__(voc, crop, seed)
         self.num_classes = len(self.labels[0]) if self.labels else 20
 
     def _maps(self, idx: int) -> tuple[np.ndarray, np.ndarray]:
@@ -254,10 +254,9 @@ def run(params: Params, variant: str = "cam") -> dict:
                           epoch_end=lambda m, e: classification_scores(m, val, device))
         nan = float("nan")
         metrics = {k: logs.get(k, nan) for k in ("loss", "loss_cls", "loss_sce", "val_map", "val_f1")}
-        metrics.update({"steps": int(logs["steps"]), "n_train": len(train), "variant": variant})
-        if variant == "scorecam":
-            metrics["mask_source"] = source
-        tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        metrics.update({"steps": int(logs["steps"]), "n_train": len(train)})
+        tracker.log_metrics({f"final_{k}": v for k, v in metrics.items()})
+        tracker.set_tags({"wsss.recam_mask": "cam" if variant == "cam" else f"scorecam-{source}"})
         write_json(out_dir("metrics", f"train_{name}.json"), metrics)
     summary(stage, f"{metrics['steps']} steps, loss {metrics['loss']:.4f} (sce {metrics['loss_sce']:.4f}), "
                    f"val mAP {metrics['val_map']:.3f}, val F1 {metrics['val_f1']:.3f}")

@@ -2,8 +2,9 @@
 pseudo-masks of one seed method, the last stage of the IRN / ReCAM pipeline.
 
 ``method`` names the pseudo-masks ``outputs/pseudo_masks/<method>/`` made on
-``params.seed_split``; ``method == "gt"`` trains on the ground-truth masks of
-``params.train_split`` instead (the fully supervised upper bound). Pixel-wise cross-entropy
+``params.seed_split``; ``method == "gt"`` trains on the ground-truth masks of the same
+``params.seed_split`` images instead (the fully supervised upper bound: same images, same
+network, same schedule, so the gap measures label quality alone). Pixel-wise cross-entropy
 ignoring 255, SGD with polynomial decay (:func:`wsss.trainer.train_loop`, 10x learning rate
 on the ``head``), ``seg_epochs`` epochs of ``seg_batch_size`` random ``seg_crop`` crops.
 Writes ``outputs/checkpoints/seg-<method>.pt`` and ``outputs/metrics/train_seg/<method>.json``.
@@ -79,12 +80,12 @@ def run(params: Params, method: str) -> dict:
     device = resolve_device(params.device)
     keys = {k: getattr(params, k) for k in TRAINING_KEYS}
     if method == GT:
-        train = open_split(params, params.train_split)
+        train = open_split(params, params.seed_split)
         if not train.has_masks:
-            raise UserError(f"split '{params.train_split}' has ids without a ground-truth mask; "
+            raise UserError(f"split '{params.seed_split}' has ids without a ground-truth mask; "
                             f"method 'gt' needs SegmentationClass/ masks for all of them")
         mask_dir = None
-        keys["split"] = params.train_split
+        keys["split"] = params.seed_split
     else:
         train = open_split(params, params.seed_split)
         mask_dir = out_dir("pseudo_masks", method)
