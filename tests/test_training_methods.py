@@ -28,6 +28,15 @@ from wsss.steps import train_puzzle, train_recam, train_sipe  # noqa: E402
 
 
 # ---------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is as fast and does not stall when the CPU is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     """A tiny synthetic VOC world (8 train, 4 val images of 48 px)."""

@@ -92,6 +92,7 @@ class Params:
     recam_epochs: int = 4
     recam_lr: float = 5e-4
     recam_lambda: float = 1.0
+    recam_split: str = "train"  # ReCAM fine-tuning list (both variants; Score-CAM seeds exist for it)
     recam_scorecam_mask: str = "seeds"  # seeds | online (see docs/methods.md)
     # Puzzle-CAM (Jo & Yu 2021)
     puzzle_epochs: int = 12

@@ -57,7 +57,7 @@ from .common import checkpoint_path, open_split, out_dir, summary
 
 VARIANTS = ("cam", "scorecam")
 MASK_SOURCES = ("seeds", "online")
-TRAINING_KEYS = ("seed", "dataset", "data_dir", "train_split", "subset", "recam_epochs", "recam_lr",
+TRAINING_KEYS = ("seed", "dataset", "data_dir", "recam_split", "subset", "recam_epochs", "recam_lr",
                  "recam_lambda", "cls_batch_size", "cls_weight_decay", "cls_crop", "max_steps")
 SCORECAM_KEYS = ("scorecam_chunk", "scorecam_variant", "scorecam_baseline")
 EPS = 1e-5
@@ -157,7 +157,7 @@ class SeedMaskData(ClassificationData):
         if missing:
             raise UserError(f"{self.folder / (missing[0] + '.npz')}: Score-CAM seeds missing ({len(missing)} of "
                             f"{len(voc.ids)} training images); run `python cli.py seeds --method scorecam` first "
-                            f"(with seed_split covering train_split '{voc.split}'), or set "
+                            f"(with seed_split covering recam_split '{voc.split}'), or set "
                             f"recam_scorecam_mask: online")
         super().__init__(voc, crop, seed)
         self.num_classes = len(self.labels[0]) if self.labels else 20
@@ -231,7 +231,7 @@ def run(params: Params, variant: str = "cam") -> dict:
     model, cls_ckpt = load_classifier(checkpoint_path("cls"), device)
     if model.recam_predictor is None:
         model.add_recam_predictor()
-    train = open_split(params, params.train_split)
+    train = open_split(params, params.recam_split)
     val = open_split(params, params.val_split)
     if variant == "scorecam" and source == "seeds":
         data = SeedMaskData(train, params.cls_crop, params.seed)
