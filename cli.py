@@ -230,15 +230,30 @@ def report(params: Path = ParamsOpt):
 
 @app.command("spread")
 @friendly
-def spread(seeds: str = typer.Option("0,1,2", help="comma-separated random seeds"), params: Path = ParamsOpt):
+def spread(seeds: str = typer.Option("0,1,2", help="comma-separated random seeds"),
+           methods: str = typer.Option("", help="comma-separated subset of params methods (default: all)"),
+           until: str = typer.Option("seg", help="last stage per method: seeds | crf | seg"),
+           params: Path = ParamsOpt):
     """Run the whole pipeline once per random seed and report mean ± std (outputs/spread/)."""
-    from wsss.pipeline import spread as run_spread
+    import dataclasses
+
+    from wsss.config import METHOD_CHECKPOINTS
+    from wsss.pipeline import STAGE_ORDER, spread as run_spread
 
     try:
         values = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise UserError(f"--seeds {seeds!r}: give integers separated by commas, e.g. 0,1,2") from None
-    run_spread(_params(params), values)
+    if until not in STAGE_ORDER:
+        raise UserError(f"--until {until!r}: choose one of {', '.join(STAGE_ORDER)}")
+    p = _params(params)
+    if methods:
+        chosen = [m.strip() for m in methods.split(",") if m.strip()]
+        unknown = [m for m in chosen if m not in METHOD_CHECKPOINTS]
+        if unknown:
+            raise UserError(f"--methods: unknown method {unknown[0]!r}; choose from {', '.join(METHOD_CHECKPOINTS)}")
+        p = dataclasses.replace(p, methods={m: METHOD_CHECKPOINTS[m] for m in chosen}).validate("--methods")
+    run_spread(p, values, until)
 
 
 @app.command("eval")

@@ -14,8 +14,16 @@ TRAINED = {"recam": ("recam", "cam"), "recam-scorecam": ("recam", "scorecam"),
            "puzzlecam": ("puzzle", None), "sipe": ("sipe", None)}
 
 
-def run_all(params: Params) -> dict:
+STAGE_ORDER = ("seeds", "crf", "seg")
+
+
+def run_all(params: Params, until: str = "seg") -> dict:
+    """Every step in DAG order; ``until='crf'`` stops each method after its pseudo-masks
+    (and skips the segmentation networks and the upper bound)."""
     from .steps import crf, eval_seeds, eval_seg, report, seeds, train_cls, train_seg
+
+    if until not in STAGE_ORDER:
+        raise ValueError(f"until must be one of {STAGE_ORDER}")
 
     train_cls.run(params)
     methods = list(params.methods)
@@ -38,11 +46,16 @@ def run_all(params: Params) -> dict:
                 train_sipe.run(params)
         seeds.run(params, m)
         eval_seeds.run(params, m)
+        if until == "seeds":
+            continue
         crf.run(params, m)
+        if until == "crf":
+            continue
         train_seg.run(params, m)
         eval_seg.run(params, m)
-    train_seg.run(params, "gt")
-    eval_seg.run(params, "gt")
+    if until == "seg":
+        train_seg.run(params, "gt")
+        eval_seg.run(params, "gt")
     return report.run(params)
 
 
@@ -60,7 +73,7 @@ def _env(**values: str):
                 os.environ[k] = v
 
 
-def spread(params: Params, seeds: list[int]) -> dict:
+def spread(params: Params, seeds: list[int], until: str = "seg") -> dict:
     """Run the pipeline once per random seed (outputs/spread/seed-N/) and report mean ± std."""
     from .steps import report
     from .steps.common import out_dir
@@ -69,7 +82,7 @@ def spread(params: Params, seeds: list[int]) -> dict:
     for s in seeds:
         root = out_dir("spread", f"seed-{s}")
         with _env(WSSS_OUTPUTS=str(root), WSSS_PIPELINE=f"spread-seed-{s}"):
-            per_seed[s] = run_all(dataclasses.replace(params, seed=s))["rows"]
+            per_seed[s] = run_all(dataclasses.replace(params, seed=s), until=until)["rows"]
     agg = report.aggregate(per_seed)
     with _env(WSSS_OUTPUTS=str(out_dir("spread"))):
         report.run(params, spread=agg)
