@@ -111,7 +111,6 @@ def bar_chart(rows: list[dict], path: Path) -> None:
     with atomic_path(path, ".png") as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
-    return fig
 
 
 def run(params: Params, spread: dict | None = None) -> dict:

@@ -22,15 +22,11 @@ from .common import method_checkpoint, open_split, out_dir, summary
 
 
 def load_model(method: str, device):
-    """Load the checkpoint a method's seeds are computed from (SIPE models have their own kind)."""
-    path = method_checkpoint(method)
-    if method == "sipe":
-        from ..models.sipe import load_any
+    """Load the checkpoint a method's seeds are computed from; ``load_any`` dispatches on the
+    checkpoint's kind (plain classifier or SIPE)."""
+    from ..models.sipe import load_any
 
-        return load_any(path, device)[0]
-    from ..models.classifier import load_classifier
-
-    return load_classifier(path, device)[0]
+    return load_any(method_checkpoint(method), device)[0]
 
 
 def method_params(params: Params, method: str) -> Params:
