@@ -83,9 +83,9 @@ def data_synth(params: Path = ParamsOpt, preview: bool = typer.Option(True, help
     root = p.data_path()
     summary = synth.generate(root, p)
     if preview:
-        from wsss.paths import repo_root
+        from wsss.paths import workspace_root
 
-        synth.preview(root, repo_root() / "docs" / "synth_world.png")
+        synth.preview(root, workspace_root() / "docs" / "synth_world.png")
     counts = ", ".join(f"{k} {v}" for k, v in summary.get("splits", summary).items() if isinstance(v, int))
     typer.echo(f"[data synth] wrote {root} ({counts})")
 
@@ -226,6 +226,21 @@ def report(params: Path = ParamsOpt):
     from wsss.steps import report as step
 
     step.run(_params(params))
+
+
+@app.command("compare")
+@friendly
+def compare(methods: str = typer.Option("cam,scorecam,recam,recam-scorecam", help="comma-separated methods"),
+            n: int = typer.Option(6, help="number of images (rows)"),
+            start: int = typer.Option(0, help="index of the first image in seed_split"),
+            out: Path = typer.Option(Path("outputs/compare_seeds.png"), help="PNG to write"),
+            params: Path = ParamsOpt):
+    """Seeds of several methods side by side on the same images (heatmap + labels at threshold)."""
+    from wsss.compare import seed_panel, write_panel
+
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    write_panel(seed_panel(_params(params), chosen, n, start), out)
+    typer.echo(f"[compare] {len(chosen)} methods x {n} images -> {out}")
 
 
 @app.command("spread")

@@ -16,7 +16,7 @@ _spec = importlib.util.spec_from_file_location("wsss_cli", REPO / "cli.py")
 cli = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cli)
 
-TINY = {"synth_n_train": 6, "synth_n_val": 3, "synth_size": 48, "cls_epochs": 1, "cls_batch_size": 3,
+TINY = {"synth_n_train": 6, "synth_n_val": 3, "synth_n_extra": 6, "synth_size": 48, "cls_epochs": 1, "cls_batch_size": 3,
         "cls_crop": 48, "seg_epochs": 1, "seg_batch_size": 3, "seg_crop": 48, "cam_scales": [1.0],
         "cam_flip": False, "num_workers": 1, "crf_iters": 2, "threshold_sweep": [0.1, 0.3],
         "methods": {"cam": "cls", "gradcam": "cls"}}
@@ -65,6 +65,19 @@ def test_pipeline_commands_in_order(world):
     m = json.loads((world / "outputs/metrics/eval_seeds/cam.json").read_text())
     assert m["threshold"] == 0.21 and 0 <= m["miou"] <= 1
     assert "| cam |" in (world / "outputs/report.md").read_text()
+
+
+def test_compare_panel_size_and_missing_seeds(world):
+    """2 images x (image, truth, 2 methods x (heatmap, labels)) tiles of 48 px, 2 px apart,
+    under a 14 px title strip; a method without seeds is one clear error."""
+    out = world / "outputs" / "compare.png"
+    res = invoke(world, "compare", "--methods", "cam,gradcam", "--n", "2", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    with Image.open(out) as im:
+        assert im.size == (6 * 48 + 7 * 2, 14 + 2 * 48 + 3 * 2)
+    res = invoke(world, "compare", "--methods", "cam,scorecam", "--out", str(world / "x.png"))
+    assert res.exit_code == 2 and "seeds --method scorecam" in res.output
+    assert not (world / "x.png").exists()
 
 
 def test_unknown_method_lists_choices(world):

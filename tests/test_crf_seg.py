@@ -271,3 +271,40 @@ def test_train_seg_on_pseudo_masks_needs_crf_first(world):
         eval_seg.run(params, "cam")
     with pytest.raises(UserError, match="unknown method"):
         train_seg.run(params, "nope")
+
+
+@pytest.mark.parametrize("epochs,every,max_steps,expected", [
+    (5, 0, 0, {4}),            # default: only after the last epoch
+    (5, 2, 0, {1, 3, 4}),      # every 2nd epoch and the last
+    (5, 1, 0, {0, 1, 2, 3, 4}),
+    (5, 2, 7, {1, 2}),         # 3 steps per epoch, a 7-step budget ends inside epoch 2
+])
+def test_train_seg_validation_epochs(epochs, every, max_steps, expected):
+    from wsss.steps.train_seg import validation_epochs
+
+    p = Params(seg_epochs=epochs, seg_val_every=every, max_steps=max_steps, seg_batch_size=3)
+    assert validation_epochs(p, n_train=10) == expected  # 10 // 3 = 3 steps per epoch
+
+
+def test_train_seg_starts_from_the_classifier_trunk(world):
+    """seg_init: cls copies the classifier's trunk exactly; a missing cls.pt is a clear error."""
+    from wsss.io import save_torch
+    from wsss.models.classifier import Classifier
+    from wsss.models.deeplab import build_deeplab
+    from wsss.steps.train_seg import init_from_classifier
+
+    tmp_path, params = world
+    params = dataclasses.replace(params, seg_init="cls")
+    model = build_deeplab(params)
+    with pytest.raises(UserError, match="train-cls"):
+        init_from_classifier(model, params)
+    torch.manual_seed(3)
+    cls = Classifier("resnet18", 16, "none")
+    save_torch(tmp_path / "outputs" / "checkpoints" / "cls.pt",
+               {"spec": cls.spec(), "model": cls.state_dict(), "steps": 0, "fingerprint": "abc"})
+    assert init_from_classifier(model, params) == "abc"
+    for (name, a), b in zip(cls.backbone.state_dict().items(), model.backbone.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(UserError, match="seg_backbone"):
+        r34 = dataclasses.replace(params, seg_backbone="resnet34")
+        init_from_classifier(build_deeplab(r34), r34)

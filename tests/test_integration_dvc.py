@@ -15,7 +15,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 MICRO = {
-    "synth_n_train": 6, "synth_n_val": 4, "synth_size": 48, "cls_epochs": 1, "cls_batch_size": 3,
+    "synth_n_train": 6, "synth_n_val": 4, "synth_n_extra": 6, "synth_size": 48, "cls_epochs": 1, "cls_batch_size": 3,
     "cls_crop": 48, "recam_epochs": 1, "puzzle_epochs": 1, "sipe_epochs": 1, "seg_epochs": 1,
     "seg_batch_size": 3, "seg_crop": 48, "cam_scales": [1.0], "num_workers": 1, "crf_iters": 2,
     "threshold_sweep": [0.1, 0.3], "scorecam_chunk": 128,
@@ -92,3 +92,25 @@ def test_exp_run_threshold_reruns_only_dependent_stages(micro_repo):
     assert json.loads((root / "outputs/metrics/eval_seeds/cam.json").read_text())["threshold"] == 0.3
     shown = _run(["dvc", "exp", "show", "--json"], root, env)
     assert "miou" in shown
+
+
+def test_exp_run_temp_runs_in_its_copy_and_tracks_to_the_parent(micro_repo):
+    """`dvc exp run --temp` (and `--queue`, same executor) runs in a temporary copy whose
+    DVC_ROOT names the parent repo: outputs must land in the copy (dvc collects them there and
+    the workspace stays as it was), MLflow runs in the parent's store, and only the
+    threshold-dependent stages rerun (every output is in the shared dvc cache)."""
+    import mlflow
+
+    root, env, _ = micro_repo
+    _run(["git", "add", "-A"], root, env)
+    _run(["git", "commit", "-qm", "lock", "--allow-empty"], root, env)
+    before = (root / "outputs/metrics/eval_seeds/cam.json").read_text()
+    log = _run(["dvc", "exp", "run", "--temp", "-n", "tmpexp", "-S", "threshold=0.15"], root, env)
+    ran = {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")}
+    assert ran == {"eval-seeds@cam", "eval-seeds@scorecam", "eval-seeds@recam-scorecam", "report"}
+    assert (root / "outputs/metrics/eval_seeds/cam.json").read_text() == before  # workspace untouched
+    shown = _run(["dvc", "exp", "show", "--json"], root, env)
+    assert "tmpexp" in shown and "0.15" in shown
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["wsss"], filter_string="tags.`dvc.exp_name` = 'tmpexp'")
+    assert set(runs["tags.dvc.stage"]) == ran

@@ -120,6 +120,10 @@ class Params:
     seg_lr: float = 0.01
     seg_crop: int = 96
     seg_crf: bool = False  # dense CRF post-processing in eval-seg
+    # backbone start: "pretrained" (above) or "cls": the trunk of outputs/checkpoints/cls.pt,
+    # trained on image labels only (the offline stand-in for ImageNet initialisation)
+    seg_init: str = "pretrained"
+    seg_val_every: int = 0  # quick val mIoU every N epochs during train-seg (0 = only after the last)
 
     # ------------------------------------------------------------------ validation
     def validate(self, source: str = "params.yaml") -> "Params":
@@ -148,6 +152,7 @@ class Params:
         choice("scorecam_variant", ["correct", "study"])
         choice("scorecam_score", ["sigmoid", "logit"])
         choice("recam_scorecam_mask", ["seeds", "online"])
+        choice("seg_init", ["pretrained", "cls"])
         if self.output_stride not in (8, 16, 32):
             raise bad("output_stride", f"must be 8, 16 or 32 (got {self.output_stride})")
         positive("synth_n_train", "synth_n_val", "synth_max_objects", "cls_epochs",
@@ -157,7 +162,7 @@ class Params:
         if self.synth_size < 32:
             raise bad("synth_size", f"must be >= 32 (got {self.synth_size})")
         for k in ("num_workers", "subset", "synth_n_extra", "max_steps", "synth_void_width", "cls_weight_decay",
-                  "recam_lambda", "puzzle_alpha", "sipe_lambda"):
+                  "recam_lambda", "puzzle_alpha", "sipe_lambda", "seg_val_every"):
             if getattr(self, k) < 0:
                 raise bad(k, f"must be >= 0 (got {getattr(self, k)!r})")
         unit("synth_cooccur", "synth_context", "synth_occlusion", "threshold", "conf_fg", "conf_bg")
@@ -186,10 +191,10 @@ class Params:
         return dataclasses.asdict(self)
 
     def data_path(self) -> Path:
-        from .paths import repo_root
+        from .paths import workspace_root
 
         p = Path(self.data_dir)
-        return p if p.is_absolute() else repo_root() / p
+        return p if p.is_absolute() else workspace_root() / p
 
 
 _HINTS = typing.get_type_hints(Params)

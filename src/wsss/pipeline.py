@@ -56,7 +56,7 @@ def run_all(params: Params, until: str = "seg") -> dict:
     if until == "seg":
         train_seg.run(params, "gt")
         eval_seg.run(params, "gt")
-    return report.run(params)
+    return report.run(params, until=until)
 
 
 @contextmanager
@@ -73,16 +73,46 @@ def _env(**values: str):
                 os.environ[k] = v
 
 
+def finished_run(params: Params, until: str, roots: list) -> tuple[list[dict], object] | None:
+    """Rows of a finished run with exactly these params (and ``until``) in one of ``roots``
+    (their ``metrics/report.json``), or None."""
+    import json
+
+    from .steps.report import params_fingerprint
+
+    fp = params_fingerprint(params)
+    for root in roots:
+        path = root / "metrics" / "report.json"
+        try:
+            done = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if done.get("params_fingerprint") == fp and done.get("until", "seg") == until:
+            return done["rows"], path
+    return None
+
+
 def spread(params: Params, seeds: list[int], until: str = "seg") -> dict:
-    """Run the pipeline once per random seed (outputs/spread/seed-N/) and report mean ± std."""
+    """Run the pipeline once per random seed (outputs/spread/seed-N/) and report mean ± std.
+
+    A seed whose run already finished with the same params is not run again: its rows are
+    read back from ``outputs/spread/seed-N/`` or, for the seed of params.yaml, from the
+    main ``outputs/`` that ``dvc repro`` wrote (so ``bash run.sh`` counts as seed 0).
+    Delete the folder's ``metrics/report.json`` to force a rerun (e.g. after a code change)."""
     from .steps import report
     from .steps.common import out_dir
 
     per_seed = {}
     for s in seeds:
         root = out_dir("spread", f"seed-{s}")
+        p = dataclasses.replace(params, seed=s)
+        done = finished_run(p, until, [root, out_dir()])
+        if done is not None:
+            per_seed[s] = done[0]
+            print(f"[spread] seed {s}: reusing the finished run in {done[1]} (same params)", flush=True)
+            continue
         with _env(WSSS_OUTPUTS=str(root), WSSS_PIPELINE=f"spread-seed-{s}"):
-            per_seed[s] = run_all(dataclasses.replace(params, seed=s), until=until)["rows"]
+            per_seed[s] = run_all(p, until=until)["rows"]
     agg = report.aggregate(per_seed)
     with _env(WSSS_OUTPUTS=str(out_dir("spread"))):
         report.run(params, spread=agg)

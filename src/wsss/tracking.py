@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .paths import artifact_root, repo_root, tracking_uri
+from .paths import artifact_root, repo_root, tracking_uri, workspace_root
 
 EXPERIMENT = "wsss"
 
@@ -42,7 +42,7 @@ def pipeline_id(params_path: Path | None = None) -> str:
             return os.environ[key]
     root = repo_root()
     h = hashlib.sha1(_git_commit(root).encode())
-    p = params_path or (root / "params.yaml")
+    p = params_path or (workspace_root() / "params.yaml")
     if p.exists():
         h.update(p.read_bytes())
     return h.hexdigest()[:12]

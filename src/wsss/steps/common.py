@@ -7,13 +7,13 @@ from pathlib import Path
 
 from ..config import METHOD_CHECKPOINTS, Params
 from ..errors import UserError
-from ..paths import repo_root
+from ..paths import workspace_root
 
 OUTPUTS = "outputs"
 
 
 def out_dir(*parts: str) -> Path:
-    p = Path(os.environ["WSSS_OUTPUTS"]) if os.environ.get("WSSS_OUTPUTS") else repo_root() / OUTPUTS
+    p = Path(os.environ["WSSS_OUTPUTS"]) if os.environ.get("WSSS_OUTPUTS") else workspace_root() / OUTPUTS
     for part in parts:
         p = p / part
     return p

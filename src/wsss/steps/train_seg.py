@@ -7,12 +7,20 @@ pseudo-masks of one seed method, the last stage of the IRN / ReCAM pipeline.
 network, same schedule, so the gap measures label quality alone). Pixel-wise cross-entropy
 ignoring 255, SGD with polynomial decay (:func:`wsss.trainer.train_loop`, 10x learning rate
 on the ``head``), ``seg_epochs`` epochs of ``seg_batch_size`` random ``seg_crop`` crops.
+
+The backbone starts from ``pretrained`` (``seg_init: pretrained``) or from the trunk of
+``outputs/checkpoints/cls.pt`` (``seg_init: cls``). DeepLab is always initialised from a
+classifier (ImageNet in Chen et al.; IRN, ReCAM and SIPE do the same); offline there are no
+ImageNet weights, and the classifier trained on this dataset's image labels is the closest
+stand-in that still uses no mask. It is the same start for every method and for the ``gt``
+upper bound.
 Writes ``outputs/checkpoints/seg-<method>.pt`` and ``outputs/metrics/train_seg/<method>.json``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 
 import numpy as np
 import torch
@@ -74,6 +82,38 @@ def quick_val_miou(model, voc, device, limit: int = VAL_QUICK, batch_size: int =
     return {"val_miou": cm.scores()["miou"]}
 
 
+def validation_epochs(params: Params, n_train: int) -> set[int]:
+    """Epochs (0-based) after which train-seg scores the quick val mIoU: every
+    ``seg_val_every`` epochs and always after the last one (the loop's epoch count, with
+    ``max_steps`` applied)."""
+    per_epoch = max(1, n_train // params.seg_batch_size)
+    total = params.seg_epochs * per_epoch
+    if params.max_steps:
+        total = min(total, params.max_steps)
+    last = math.ceil(total / per_epoch) - 1
+    every = params.seg_val_every
+    return {e for e in range(last + 1) if e == last or (every and (e + 1) % every == 0)}
+
+
+def init_from_classifier(model, params: Params) -> str:
+    """Copy the trunk of ``outputs/checkpoints/cls.pt`` into the DeepLab backbone; returns
+    the classifier's fingerprint (a retrained cls.pt invalidates a resume file)."""
+    from ..models.classifier import load_classifier
+    from .common import checkpoint_path
+
+    path = checkpoint_path("cls")
+    if not path.is_file():
+        raise UserError(f"{path}: classifier checkpoint missing (seg_init: cls); run `python cli.py train-cls` "
+                        f"first or set seg_init: pretrained")
+    cls_model, ckpt = load_classifier(path, "cpu")
+    if cls_model.arch != params.seg_backbone:
+        raise UserError(f"{path}: classifier backbone {cls_model.arch} differs from seg_backbone "
+                        f"{params.seg_backbone}; set seg_backbone: {cls_model.arch} or seg_init: pretrained")
+    # strides and dilations are not weights: an OS16 trunk loads into an OS8 one
+    model.backbone.load_state_dict(cls_model.backbone.state_dict())
+    return str(ckpt.get("fingerprint"))
+
+
 def run(params: Params, method: str) -> dict:
     check_method(method)
     seed_everything(params.seed)
@@ -100,8 +140,12 @@ def run(params: Params, method: str) -> dict:
     data = SegmentationData(train, params.seg_crop, mask_dir, params.seed)
     val = open_split(params, params.val_split)
     model = build_deeplab(params)
+    if params.seg_init == "cls":
+        keys["init"] = init_from_classifier(model, params)
     spec = LoopSpec(f"seg-{method}", params.seg_epochs, params.seg_lr, params.seg_batch_size,
                     params.cls_weight_decay, params.max_steps, keys)
+
+    val_epochs = validation_epochs(params, len(data))
 
     def step_fn(m, batch, step):
         x, y = batch
@@ -115,7 +159,7 @@ def run(params: Params, method: str) -> dict:
     with step_run("train-seg", params, method=method) as tracker:
         logs = train_loop(spec, model, data, step_fn, out_dir("checkpoints"), device, tracker, params.seed,
                           new_prefixes=("head",),
-                          epoch_end=lambda m, e: quick_val_miou(m, val, device))
+                          epoch_end=lambda m, e: quick_val_miou(m, val, device) if e in val_epochs else {})
         metrics = {"method": method, "loss": logs.get("loss", float("nan")),
                    "val_miou_quick": logs.get("val_miou", float("nan")),
                    "steps": int(logs["steps"]), "n_train": len(train)}
