@@ -228,6 +228,17 @@ def report(params: Path = ParamsOpt):
     step.run(_params(params))
 
 
+def _method_list(text: str) -> list[str]:
+    """``--methods a,b`` -> ["a", "b"], each a known method."""
+    from wsss.config import METHOD_CHECKPOINTS
+
+    chosen = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in METHOD_CHECKPOINTS]
+    if unknown:
+        raise UserError(f"--methods: unknown method {unknown[0]!r}; choose from {', '.join(METHOD_CHECKPOINTS)}")
+    return chosen
+
+
 @app.command("compare")
 @friendly
 def compare(methods: str = typer.Option("cam,scorecam,recam,recam-scorecam", help="comma-separated methods"),
@@ -238,7 +249,7 @@ def compare(methods: str = typer.Option("cam,scorecam,recam,recam-scorecam", hel
     """Seeds of several methods side by side on the same images (heatmap + labels at threshold)."""
     from wsss.compare import seed_panel, write_panel
 
-    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    chosen = _method_list(methods)
     write_panel(seed_panel(_params(params), chosen, n, start), out)
     typer.echo(f"[compare] {len(chosen)} methods x {n} images -> {out}")
 
@@ -263,11 +274,7 @@ def spread(seeds: str = typer.Option("0,1,2", help="comma-separated random seeds
         raise UserError(f"--until {until!r}: choose one of {', '.join(STAGE_ORDER)}")
     p = _params(params)
     if methods:
-        chosen = [m.strip() for m in methods.split(",") if m.strip()]
-        unknown = [m for m in chosen if m not in METHOD_CHECKPOINTS]
-        if unknown:
-            raise UserError(f"--methods: unknown method {unknown[0]!r}; choose from {', '.join(METHOD_CHECKPOINTS)}")
-        p = dataclasses.replace(p, methods={m: METHOD_CHECKPOINTS[m] for m in chosen}).validate("--methods")
+        p = dataclasses.replace(p, methods={m: METHOD_CHECKPOINTS[m] for m in _method_list(methods)}).validate("--methods")
     run_spread(p, values, until)
 
 

@@ -34,10 +34,7 @@ def seed_panel(params: Params, methods: list[str], n_images: int = 6, start: int
         image, gt = voc.image(id_), voc.mask(id_)
         row = [image, colorize(gt)]
         for m in methods:
-            keys, cams = read_seed(out_dir("seeds", m) / f"{id_}.npz", m)
-            if cams.shape[1:] != gt.shape:
-                raise UserError(f"{out_dir('seeds', m) / (id_ + '.npz')}: map size {cams.shape[1:]} != image "
-                                f"{gt.shape}; re-run `python cli.py seeds --method {m}`")
+            keys, cams = read_seed(out_dir("seeds", m) / f"{id_}.npz", m, gt.shape)
             heat = cams.max(axis=0) if len(keys) else np.zeros(gt.shape, np.float32)
             row += [cam_heatmap(image, heat), colorize(seed_to_label(keys, cams, params.threshold, gt.shape))]
         rows.append(row)

@@ -54,6 +54,16 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, new_prefixes:
     ]
 
 
+def planned_schedule(n_items: int, batch_size: int, epochs: int, max_steps: int) -> tuple[int, int, int]:
+    """(steps per epoch, total steps, epochs run) of :func:`train_loop`: full batches only
+    (drop_last, as IRN/ReCAM), ``epochs`` of them, cut at ``max_steps`` when it is set."""
+    steps_per_epoch = max(1, n_items // batch_size)
+    total = epochs * steps_per_epoch
+    if max_steps:
+        total = min(total, max_steps)
+    return steps_per_epoch, total, math.ceil(total / steps_per_epoch)
+
+
 def train_loop(
     spec: LoopSpec,
     model: nn.Module,
@@ -71,10 +81,7 @@ def train_loop(
     model.to(device)
     opt = torch.optim.SGD(param_groups(model, spec.lr, spec.weight_decay, new_prefixes),
                           lr=spec.lr, momentum=0.9, nesterov=False)
-    steps_per_epoch = max(1, len(dataset) // spec.batch_size)  # drop_last, as IRN/ReCAM
-    total = spec.epochs * steps_per_epoch
-    if spec.max_steps:
-        total = min(total, spec.max_steps)
+    steps_per_epoch, total, n_epochs = planned_schedule(len(dataset), spec.batch_size, spec.epochs, spec.max_steps)
     resume_path = ckpt_dir / f"{spec.name}.resume.pt"
     fp = fingerprint(spec.fingerprint_keys)
     start_epoch, step = 0, 0
@@ -87,7 +94,6 @@ def train_loop(
             print(f"[{spec.name}] resuming from epoch {start_epoch} (step {step})")
     logs: dict[str, float] = {}
     gen = torch.Generator().manual_seed(seed)
-    n_epochs = math.ceil(total / steps_per_epoch)
     for epoch in range(start_epoch, n_epochs):
         if step >= total:
             break

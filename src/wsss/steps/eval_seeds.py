@@ -30,14 +30,19 @@ def seed_to_label(keys: np.ndarray, cams: np.ndarray, threshold: float, shape: t
     return labels[np.argmax(scores, axis=0)]
 
 
-def read_seed(path: Path, method: str) -> tuple[np.ndarray, np.ndarray]:
+def read_seed(path: Path, method: str, shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, cams) of one seed file; ``shape`` (H, W): the image size its maps must have."""
     if not path.is_file():
         raise UserError(f"{path}: seed missing; run `python cli.py seeds --method {method}` first")
     try:
         z = load_npz(path)
-        return z["keys"], z["cams"]
+        keys, cams = z["keys"], z["cams"]
     except Exception:
         raise UserError(f"{path}: unreadable seed file; delete it and re-run `python cli.py seeds --method {method}`") from None
+    if shape is not None and cams.shape[1:] != tuple(shape):
+        raise UserError(f"{path}: map size {cams.shape[1:]} != image {tuple(shape)}; "
+                        f"re-run `python cli.py seeds --method {method}`")
+    return keys, cams
 
 
 def run(params: Params, method: str) -> dict:
@@ -51,10 +56,8 @@ def run(params: Params, method: str) -> dict:
     seed_dir = out_dir("seeds", method)
     samples = []
     for id_ in tqdm(voc.ids, desc=f"eval-seeds {method}", dynamic_ncols=True, leave=False):
-        keys, cams = read_seed(seed_dir / f"{id_}.npz", method)
         gt = voc.mask(id_)
-        if cams.shape[1:] != gt.shape:
-            raise UserError(f"{seed_dir / (id_ + '.npz')}: map size {cams.shape[1:]} != image {gt.shape}; re-run seeds")
+        keys, cams = read_seed(seed_dir / f"{id_}.npz", method, gt.shape)
         for t in thresholds:
             cms[t].update(seed_to_label(keys, cams, t, gt.shape), gt)
         if len(samples) < 4:

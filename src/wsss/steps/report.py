@@ -38,17 +38,18 @@ REPORTED = [
 ]
 
 
-def _read(stage_dir: str, method: str, key: str = "miou") -> float | None:
+def _read(stage_dir: str, method: str) -> dict:
     p = out_dir("metrics", stage_dir, f"{method}.json")
-    if not p.is_file():
-        return None
-    return json.loads(p.read_text()).get(key)
+    return json.loads(p.read_text()) if p.is_file() else {}
 
 
 def collect(methods: list[str]) -> list[dict]:
-    rows = [{"method": m, **{k: _read(d, m) for k, d in STAGES}, ORACLE: _read("eval_seeds", m, "best_miou")}
-            for m in methods]
-    gt = _read("eval_seg", "gt")
+    rows = []
+    for m in methods:
+        scores = {k: _read(d, m) for k, d in STAGES}
+        rows.append({"method": m, **{k: v.get("miou") for k, v in scores.items()},
+                     ORACLE: scores["seed"].get("best_miou")})
+    gt = _read("eval_seg", "gt").get("miou")
     if gt is not None:
         rows.append({"method": "upper bound (seg on GT masks)", "seed": None, "mask": None, "seg": gt,
                      ORACLE: None})

@@ -20,7 +20,6 @@ Writes ``outputs/checkpoints/seg-<method>.pt`` and ``outputs/metrics/train_seg/<
 from __future__ import annotations
 
 import hashlib
-import math
 
 import numpy as np
 import torch
@@ -33,7 +32,7 @@ from ..io import write_json
 from ..metrics import ConfusionMatrix
 from ..models.deeplab import build_deeplab
 from ..tracking import step_run
-from ..trainer import LoopSpec, train_loop
+from ..trainer import LoopSpec, planned_schedule, train_loop
 from ..voc import VOID
 from .common import open_split, out_dir, summary
 
@@ -86,11 +85,7 @@ def validation_epochs(params: Params, n_train: int) -> set[int]:
     """Epochs (0-based) after which train-seg scores the quick val mIoU: every
     ``seg_val_every`` epochs and always after the last one (the loop's epoch count, with
     ``max_steps`` applied)."""
-    per_epoch = max(1, n_train // params.seg_batch_size)
-    total = params.seg_epochs * per_epoch
-    if params.max_steps:
-        total = min(total, params.max_steps)
-    last = math.ceil(total / per_epoch) - 1
+    last = planned_schedule(n_train, params.seg_batch_size, params.seg_epochs, params.max_steps)[2] - 1
     every = params.seg_val_every
     return {e for e in range(last + 1) if e == last or (every and (e + 1) % every == 0)}
 
