@@ -34,6 +34,9 @@ def test_repo_params_load_and_cover_every_key():
         ({"conf_fg": 0.1, "conf_bg": 0.3}, "conf_bg"),
         ({"cam_scales": []}, "cam_scales"),
         ({"thresold": 0.3}, "thresold"),
+        ({"threads": -1}, "threads"),
+        ({"puzzle_init": "imagenet"}, "puzzle_init"),
+        ({"sipe_init": "scratch"}, "sipe_init"),
     ],
 )
 def test_bad_values_name_the_key(raw, key):
@@ -54,3 +57,20 @@ def test_missing_and_invalid_yaml_files(tmp_path):
     bad.write_text("threshold: [1, 2\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_params(bad)
+
+
+def test_seed_everything_fixes_the_thread_count():
+    """threads > 0 pins torch's intra-op threads (float sums are split per thread); 0 leaves
+    the current setting alone."""
+    import torch
+
+    from wsss.config import seed_everything
+
+    before = torch.get_num_threads()
+    try:
+        seed_everything(0, 1)
+        assert torch.get_num_threads() == 1
+        seed_everything(0, 0)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -305,6 +305,6 @@ def test_train_seg_starts_from_the_classifier_trunk(world):
     assert init_from_classifier(model, params) == "abc"
     for (name, a), b in zip(cls.backbone.state_dict().items(), model.backbone.state_dict().values()):
         assert torch.equal(a, b), name
-    with pytest.raises(UserError, match="seg_backbone"):
+    with pytest.raises(UserError, match="differs from resnet34"):
         r34 = dataclasses.replace(params, seg_backbone="resnet34")
         init_from_classifier(build_deeplab(r34), r34)

@@ -80,3 +80,54 @@ def test_spread_reuses_a_finished_run_with_the_same_params_only(tmp_path, monkey
     ran.clear()
     pipeline.spread(Params(methods={"cam": "cls"}, threshold=0.3), [0], until="seg")  # other params
     assert ran == [0]
+
+
+def test_in_process_pipeline_runs_every_dvc_stage_after_its_inputs(monkeypatch):
+    """``pipeline.run_all`` (used by ``spread``) repeats the DAG of dvc.yaml in code. Record the
+    steps it calls (their run functions stubbed) and check they are exactly dvc.yaml's stage
+    commands, each after the stages that write its deps."""
+    from pathlib import Path
+
+    import yaml
+
+    from wsss import pipeline
+    from wsss.config import load_params
+    from wsss.steps import (crf, eval_seeds, eval_seg, report, seeds, train_cls, train_puzzle, train_recam,
+                            train_seg, train_sipe)
+
+    repo = Path(__file__).resolve().parents[1]
+    params = load_params(repo / "params.yaml")
+    calls = []
+
+    def record(command, by_method=False):
+        def run(p, *args, **kw):
+            arg = (args[0] if args else kw.get("method")) if by_method else None
+            variant = kw.get("variant")
+            calls.append(command + (f" --method {arg}" if arg else "") + (f" --variant {variant}" if variant else ""))
+            return {"rows": []}
+        return run
+
+    for mod, cmd in ((train_cls, "train-cls"), (train_puzzle, "train-puzzle"), (train_sipe, "train-sipe"),
+                     (train_recam, "train-recam"), (report, "report")):
+        monkeypatch.setattr(mod, "run", record(cmd))
+    for mod, cmd in ((seeds, "seeds"), (eval_seeds, "eval-seeds"), (crf, "crf"), (train_seg, "train-seg"),
+                     (eval_seg, "eval-seg")):
+        monkeypatch.setattr(mod, "run", record(cmd, by_method=True))
+    pipeline.run_all(params)
+
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    expanded = []  # (command, deps, outs)
+    for stage in stages.values():
+        for key, item in (params.methods.items() if "foreach" in stage else [(None, None)]):
+            body = stage.get("do", stage)
+            sub = (lambda s: s.replace("${key}", key).replace("${item}", item)) if key else (lambda s: s)
+            outs = [sub(o) for o in body.get("outs", []) + body.get("metrics", []) + body.get("plots", [])
+                    if isinstance(o, str)]
+            expanded.append((sub(body["cmd"]).removeprefix("python cli.py "),
+                             [sub(d) for d in body.get("deps", [])], outs))
+    assert sorted(calls) == sorted(c for c, _, _ in expanded)
+    assert len(set(calls)) == len(calls)
+    for cmd, deps, _ in expanded:
+        for other, _, outs in expanded:
+            if other != cmd and any(o == d or o.startswith(d.rstrip("/") + "/") for o in outs for d in deps):
+                assert calls.index(other) < calls.index(cmd), f"{other} must run before {cmd}"

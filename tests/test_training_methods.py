@@ -51,7 +51,7 @@ def world(tmp_path_factory) -> Path:
 def params(world, tmp_path, monkeypatch) -> Params:
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     monkeypatch.setenv("WSSS_TRACKING", "0")
-    return Params(data_dir=str(world), backbone="resnet18", cls_batch_size=4, cls_crop=32, max_steps=2,
+    return Params(data_dir=str(world), backbone="resnet18", cls_batch_size=4, cls_crop=32, max_steps=2, threads=1,
                   recam_epochs=1, puzzle_epochs=1, sipe_epochs=1, scorecam_chunk=128,
                   cam_scales=[1.0], cam_flip=False)
 
@@ -302,14 +302,44 @@ def test_train_recam_bad_mask_source(params, tmp_path):
 
 
 def test_train_puzzle_run(params, tmp_path):
+    with pytest.raises(UserError, match="puzzle_init"):  # starts from cls.pt by default
+        train_puzzle.run(params)
+    write_cls_checkpoint(params, tmp_path)
     metrics = train_puzzle.run(params)
     assert metrics["steps"] == 2 and math.isfinite(metrics["loss_re"])
     assert read_metrics(tmp_path, "puzzlecam")["steps"] == 2
-    model, _ = load_classifier(tmp_path / "outputs" / "checkpoints" / "puzzlecam.pt")
+    model, ckpt = load_classifier(tmp_path / "outputs" / "checkpoints" / "puzzlecam.pt")
     assert model.recam_predictor is None
+    # from scratch: no cls.pt needed, and a different start gives other weights
+    (tmp_path / "outputs" / "checkpoints" / "cls.pt").unlink()
+    train_puzzle.run(dataclasses.replace(params, puzzle_init="pretrained"))
+    scratch, ckpt2 = load_classifier(tmp_path / "outputs" / "checkpoints" / "puzzlecam.pt")
+    assert ckpt2["fingerprint"] != ckpt["fingerprint"]
+    assert not torch.equal(scratch.classifier.weight, model.classifier.weight)
+
+
+def test_start_from_classifier_copies_trunk_and_head(params, tmp_path):
+    """puzzle_init/sipe_init: cls start exactly at cls.pt's trunk and classifier; SIPE's side
+    projections stay as built; a backbone mismatch is one clear error."""
+    from wsss.models.classifier import start_from_classifier
+
+    path = write_cls_checkpoint(params, tmp_path)
+    cls, ckpt = load_classifier(path)
+    torch.manual_seed(5)
+    model = msipe.build_sipe(params)
+    side = copy.deepcopy(model.side.state_dict())
+    assert start_from_classifier(model, path, "resnet18", "sipe_init") == str(ckpt.get("fingerprint"))
+    for (name, a), b in zip(cls.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+    for name, a in model.side.state_dict().items():
+        assert torch.equal(a, side[name]), name
+    with pytest.raises(UserError, match="sipe_init: pretrained"):
+        start_from_classifier(msipe.build_sipe(dataclasses.replace(params, backbone="resnet34")), path,
+                              "resnet34", "sipe_init")
 
 
 def test_train_sipe_run_and_iscam(params, tmp_path):
+    write_cls_checkpoint(params, tmp_path)
     metrics = train_sipe.run(params)
     assert metrics["steps"] == 2 and math.isfinite(metrics["loss_gsc"])
     assert read_metrics(tmp_path, "sipe")["steps"] == 2

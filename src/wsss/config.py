@@ -38,6 +38,9 @@ class Params:
     seed: int = 0
     device: str = "cpu"  # cpu | cuda | auto
     num_workers: int = 0  # CRF process pool size; 0 = all cores
+    # torch CPU threads of every step. Float reductions split by thread count, so the same
+    # params give the same bits only with the same value; 0 = torch's default (all cores)
+    threads: int = 2
 
     # data
     dataset: str = "synth"  # synth | voc
@@ -98,10 +101,12 @@ class Params:
     puzzle_epochs: int = 12
     puzzle_lr: float = 0.01
     puzzle_alpha: float = 4.0
+    puzzle_init: str = "cls"  # cls: continue from outputs/checkpoints/cls.pt | pretrained
     # SIPE (Chen et al. 2022)
     sipe_epochs: int = 12
     sipe_lr: float = 0.01
     sipe_lambda: float = 1.0
+    sipe_init: str = "cls"  # cls: continue from outputs/checkpoints/cls.pt | pretrained
 
     # dense CRF pseudo-masks
     conf_fg: float = 0.35
@@ -152,7 +157,8 @@ class Params:
         choice("scorecam_variant", ["correct", "study"])
         choice("scorecam_score", ["sigmoid", "logit"])
         choice("recam_scorecam_mask", ["seeds", "online"])
-        choice("seg_init", ["pretrained", "cls"])
+        for key in ("seg_init", "puzzle_init", "sipe_init"):
+            choice(key, ["pretrained", "cls"])
         if self.output_stride not in (8, 16, 32):
             raise bad("output_stride", f"must be 8, 16 or 32 (got {self.output_stride})")
         positive("synth_n_train", "synth_n_val", "synth_max_objects", "cls_epochs",
@@ -161,7 +167,7 @@ class Params:
                  "sipe_lr", "crf_iters", "seg_epochs", "seg_batch_size", "seg_lr", "seg_crop")
         if self.synth_size < 32:
             raise bad("synth_size", f"must be >= 32 (got {self.synth_size})")
-        for k in ("num_workers", "subset", "synth_n_extra", "max_steps", "synth_void_width", "cls_weight_decay",
+        for k in ("num_workers", "threads", "subset", "synth_n_extra", "max_steps", "synth_void_width", "cls_weight_decay",
                   "recam_lambda", "puzzle_alpha", "sipe_lambda", "seg_val_every"):
             if getattr(self, k) < 0:
                 raise bad(k, f"must be >= 0 (got {getattr(self, k)!r})")
@@ -256,13 +262,17 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     return params_from_dict(raw, str(path))
 
 
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch so that a step's metrics repeat on the same machine."""
+def seed_everything(seed: int, threads: int = 0) -> None:
+    """Seed python, numpy and torch and fix torch's CPU thread count (``threads`` > 0), so
+    that a step's metrics repeat: float sums are split per thread, and a different split
+    rounds differently (a classifier trained with 1 and with 2 threads ends 0.02 mAP apart)."""
     import random
 
     import numpy as np
     import torch
 
+    if threads > 0:
+        torch.set_num_threads(threads)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -1,6 +1,8 @@
 """The whole pipeline in-process, in DAG order (the same order as dvc.yaml), and the
 multi-seed spread built on it. ``dvc repro`` is the tracked way to run the pipeline; this
-module exists for ``python cli.py spread`` (N random seeds into separate output folders)."""
+module exists for ``python cli.py spread`` (N random seeds into separate output folders).
+The order is written twice (here and in dvc.yaml); tests/test_report.py checks that
+:func:`run_all` calls exactly dvc.yaml's stage commands, each after the stages it reads."""
 
 from __future__ import annotations
 

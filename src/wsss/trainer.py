@@ -168,3 +168,27 @@ def classification_scores(model: nn.Module, voc, device: torch.device, batch_siz
     tp = (pred & (y > 0)).sum()
     f1 = 2 * tp / max(pred.sum() + (y > 0).sum(), 1)
     return {"val_map": float(np.mean(aps)) if aps else float("nan"), "val_f1": float(f1)}
+
+
+def fit_classifier(stage: str, params, spec: LoopSpec, model: nn.Module, train, val, step_fn,
+                   ckpt_dir: Path, metrics_path: Path, loss_keys: tuple[str, ...] = ("loss",),
+                   new_prefixes: tuple[str, ...] = ("classifier",), method: str | None = None) -> dict:
+    """One image-label training stage (train-cls, train-puzzle, train-sipe): ``train_loop`` over
+    the random crops of ``train`` (crop ``cls_crop``) with val mAP/F1 after every epoch, in one
+    MLflow run; writes the final metrics (``loss_keys`` + val_map, val_f1, steps, n_train) as
+    JSON to ``metrics_path`` and returns them."""
+    from .config import resolve_device
+    from .datasets import ClassificationData
+    from .io import write_json
+    from .tracking import step_run
+
+    device = resolve_device(params.device)
+    data = ClassificationData(train, params.cls_crop, params.seed)
+    with step_run(stage, params, method=method) as tracker:
+        logs = train_loop(spec, model, data, step_fn, ckpt_dir, device, tracker, params.seed,
+                          new_prefixes=new_prefixes, epoch_end=lambda m, e: classification_scores(m, val, device))
+        metrics = {k: logs.get(k, float("nan")) for k in (*loss_keys, "val_map", "val_f1")}
+        metrics.update({"steps": int(logs["steps"]), "n_train": len(train)})
+        tracker.log_metrics({f"final_{k}": v for k, v in metrics.items()})
+        write_json(metrics_path, metrics)
+    return metrics

@@ -5,8 +5,9 @@ Supervised Semantic Segmentation", CVPR 2022.
 
 For one (resized, possibly flipped) image with requested classes P, as in training
 (:mod:`wsss.models.sipe`): normalised CAMs M_k of P and the background M_0 = 1 - max_k M_k,
-structure-aware seeds y_i = argmax_{k in {0} u P} IoU(ReLU(cos(f_i, f_.)), M_k), prototypes
-p_k = mean of the hierarchical features f over the seed region of k, and
+structure-aware seeds y_i = argmax_{k in {0} u P} IoU(ReLU(cos(a_i, a_.)), M_k) from the
+semantic features a (background IoU halved), prototypes p_k = mean of the hierarchical
+features f over the seed region of k, and
 
     IS-CAM_k(i) = ReLU(cos(f_i, p_k)),
 

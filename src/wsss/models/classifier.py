@@ -74,13 +74,25 @@ def build_classifier(params) -> Classifier:
     return Classifier(params.backbone, params.output_stride, params.pretrained)
 
 
-def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[Classifier, dict]:
-    """Load a checkpoint written by a training stage; returns the model (eval mode) and the dict."""
+def read_checkpoint(path: str | Path) -> dict:
+    """The dict of a training-stage checkpoint (on the CPU), or one clear error."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found; run its training stage first (e.g. `python cli.py train-cls`)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt["spec"]["backbone"]
+    except Exception as e:
+        raise UserError(f"{path}: not a valid checkpoint ({type(e).__name__}); delete it and retrain") from None
+    return ckpt
+
+
+def load_classifier(path: str | Path, device: torch.device | str = "cpu",
+                    ckpt: dict | None = None) -> tuple[Classifier, dict]:
+    """Load a checkpoint written by a training stage; returns the model (eval mode) and the dict.
+    ``ckpt``: the checkpoint's dict when the caller has read it already."""
+    ckpt = ckpt if ckpt is not None else read_checkpoint(path)
+    try:
         spec = ckpt["spec"]
         model = Classifier(spec["backbone"], spec["output_stride"], "none", spec["num_classes"], spec["recam"])
         model.load_state_dict(ckpt["model"])
@@ -89,3 +101,27 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tup
     except Exception as e:
         raise UserError(f"{path}: not a valid classifier checkpoint ({type(e).__name__}); delete it and retrain") from None
     return model.to(device).eval(), ckpt
+
+
+def start_from_classifier(model: nn.Module, path: str | Path, arch: str, setting: str, head: bool = True) -> str:
+    """Copy the trunk (and with ``head`` the 1x1 classifier) of the ``train-cls`` checkpoint at
+    ``path`` into ``model``; returns that checkpoint's fingerprint, so a retrained cls.pt
+    invalidates a resume file. ``setting`` names the params key that chose this start
+    (``seg_init``, ``puzzle_init``, ...) for the error message.
+
+    This is the offline stand-in for ImageNet initialisation: every method that needs its own
+    training starts from the same image-label classifier as CAM, as the papers start from
+    the same ImageNet weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: classifier checkpoint missing ({setting}: cls); run `python cli.py train-cls` "
+                        f"first or set {setting}: pretrained")
+    cls_model, ckpt = load_classifier(path, "cpu")
+    if cls_model.arch != arch:
+        raise UserError(f"{path}: classifier backbone {cls_model.arch} differs from {arch}; use the same "
+                        f"backbone or set {setting}: pretrained")
+    # strides and dilations are not weights: an OS16 trunk loads into an OS8 one
+    model.backbone.load_state_dict(cls_model.backbone.state_dict())
+    if head:
+        model.classifier.load_state_dict(cls_model.classifier.state_dict())
+    return str(ckpt.get("fingerprint"))

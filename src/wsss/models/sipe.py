@@ -18,13 +18,20 @@ the present classes P (image-level labels):
   image structure and is trained only by the GSC loss through the IS-CAM branch, so the
   GSC term cannot pull the trunk towards features that are easy to match (the trunk
   learns from the classification loss and, via the CAM side of L_gsc, from the prototypes).
-* **Structure-aware seeds.** The correlation map of pixel i is
-  S_ij = ReLU(cos(f_i, f_j)) over all pixels j. Its soft IoU with each activation map,
+* **Structure-aware seeds** come from the *semantic* features A (the last stage, the one
+  the CAMs are read from), not from F. The correlation map of pixel i is
+  S_ij = ReLU(cos(a_i, a_j)) over all pixels j. Its soft IoU with each activation map,
 
       IoU(S_i, M_k) = sum_j S_ij M_kj / sum_j (S_ij + M_kj - S_ij M_kj),
 
-  picks the seed label of i: y_i = argmax_{k in {0} u P} IoU(S_i, M_k) (the class whose
-  map has the shape of the region that looks like pixel i).
+  picks the seed label of i: y_i = argmax_{k in {0} u P} C_k(i) (the class whose map has the
+  shape of the region that looks like pixel i), with C_k = IoU(S_i, M_k) for the classes and
+  C_0 = ``BG_IOU_SCALE`` * IoU(S_i, M_0) for the background (SIPE halves the background's
+  similarity: 1 - max_k M_k is large almost everywhere, since CAMs are peaky).
+  Both choices keep the loop from collapsing, as we measured with seeds from F and an unscaled
+  background: the seeds then depend on the side projections that the GSC loss trains, every
+  pixel became background (or one class), each foreground prototype was empty or everything,
+  and the IS-CAMs were all zero or all one (seed mIoU 4.0 = background everywhere).
 * **Image-specific prototypes.** p_k = mean of f_i over the seed region {i : y_i = k}
   (k in {0} u P; zero when the region is empty).
 * **IS-CAM.** M^_k(i) = ReLU(cos(f_i, p_k)).
@@ -32,6 +39,8 @@ the present classes P (image-level labels):
   mean_i |M_k(i) - M^_k(i)|, and L = L_cls + lambda * L_gsc (``sipe_lambda``).
 
 Seeds are an argmax (no gradient); prototypes and IS-CAMs keep the gradient of F.
+The seeds read A and the prototypes F: "semantic correlation" (Sec. 3.2.1) and
+"background-aware prototype modeling" on hierarchical features (Sec. 3.2.2) of the paper.
 """
 
 from __future__ import annotations
@@ -44,10 +53,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from .classifier import NUM_CLASSES, Classifier, load_classifier
+from .classifier import NUM_CLASSES, Classifier, load_classifier, read_checkpoint
 
 KIND = "sipe"
 EPS = 1e-5
+BG_IOU_SCALE = 0.5  # the paper's factor on the background's structure similarity
 
 
 class SIPEClassifier(Classifier):
@@ -109,22 +119,25 @@ def valid_channels(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([bg, labels > 0], dim=1)
 
 
-def correlation(hie: torch.Tensor) -> torch.Tensor:
-    """S (B, N, N) = ReLU(cos(f_i, f_j)) between all pixels of F (B, D, h, w)."""
-    f = F.normalize(hie.flatten(2), dim=1, eps=EPS)
+def correlation(feats: torch.Tensor) -> torch.Tensor:
+    """S (B, N, N) = ReLU(cos(a_i, a_j)) between all pixels of a feature map (B, D, h, w)."""
+    f = F.normalize(feats.flatten(2), dim=1, eps=EPS)
     return F.relu(f.transpose(1, 2) @ f)
 
 
-def structure_seeds(hie: torch.Tensor, maps: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Seed label (B, N) in 0..K per pixel: argmax over valid k of IoU(S_i, M_k).
+def structure_seeds(feats: torch.Tensor, maps: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Seed label (B, N) in 0..K per pixel: argmax over valid k of IoU(S_i, M_k), the
+    background's IoU scaled by ``BG_IOU_SCALE``.
 
-    ``maps`` (B, K+1, h, w) in [0, 1] (background first); ``valid`` (B, K+1)."""
+    ``feats`` (B, C, h, w) the semantic features A; ``maps`` (B, K+1, h, w) in [0, 1]
+    (background first); ``valid`` (B, K+1)."""
     with torch.no_grad():
-        S = correlation(hie.detach().float())  # (B, N, N)
+        S = correlation(feats.detach().float())  # (B, N, N)
         M = maps.detach().float().flatten(2)  # (B, K1, N)
         inter = S @ M.transpose(1, 2)  # (B, N, K1)
         union = S.sum(-1, keepdim=True) + M.sum(-1)[:, None, :] - inter
         iou = inter / union.clamp_min(EPS)
+        iou[..., 0] *= BG_IOU_SCALE
         iou = iou.masked_fill(~valid[:, None, :], float("-inf"))
         return iou.argmax(-1)
 
@@ -159,22 +172,18 @@ def sipe_outputs(model: SIPEClassifier, x: torch.Tensor, labels: torch.Tensor) -
     logits = model.head(feats)
     maps = normalised_cams(model.raw_cams(feats), labels)
     valid = valid_channels(labels)
-    seeds = structure_seeds(hie, maps, valid)
+    seeds = structure_seeds(feats, maps, valid)
     protos = prototypes(hie, seeds, maps.shape[1])
     return {"logits": logits, "maps": maps, "seeds": seeds, "iscam": is_cams(hie, protos), "valid": valid}
 
 
 # ---------------------------------------------------------------------------- loading
-def load_sipe(path: str | Path, device: torch.device | str = "cpu") -> tuple[SIPEClassifier, dict]:
-    """Load a ``train-sipe`` checkpoint; returns the model (eval mode) and the dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found; run `python cli.py train-sipe` first")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        spec = ckpt["spec"]
-    except Exception as e:
-        raise UserError(f"{path}: not a valid checkpoint ({type(e).__name__}); delete it and retrain") from None
+def load_sipe(path: str | Path, device: torch.device | str = "cpu",
+              ckpt: dict | None = None) -> tuple[SIPEClassifier, dict]:
+    """Load a ``train-sipe`` checkpoint; returns the model (eval mode) and the dict.
+    ``ckpt``: the checkpoint's dict when the caller has read it already."""
+    ckpt = ckpt if ckpt is not None else read_checkpoint(path)
+    spec = ckpt["spec"]
     if spec.get("kind") != KIND:
         raise UserError(f"{path}: is not a SIPE checkpoint (kind {spec.get('kind', 'classifier')!r}); "
                         f"run `python cli.py train-sipe`")
@@ -190,14 +199,9 @@ def load_sipe(path: str | Path, device: torch.device | str = "cpu") -> tuple[SIP
 
 
 def load_any(path: str | Path, device: torch.device | str = "cpu") -> tuple[Classifier, dict]:
-    """Load any training-stage checkpoint: SIPE ones (``spec['kind'] == 'sipe'``) with
-    :func:`load_sipe`, every other one with :func:`~wsss.models.classifier.load_classifier`."""
-    path = Path(path)
-    if path.is_file():
-        try:
-            kind = torch.load(path, map_location="cpu", weights_only=True)["spec"].get("kind")
-        except Exception:
-            kind = None  # let load_classifier report the problem
-        if kind == KIND:
-            return load_sipe(path, device)
-    return load_classifier(path, device)
+    """Load any training-stage checkpoint (read once): SIPE ones (``spec['kind'] == 'sipe'``)
+    with :func:`load_sipe`, every other one with :func:`~wsss.models.classifier.load_classifier`."""
+    ckpt = read_checkpoint(path)
+    if ckpt["spec"].get("kind") == KIND:
+        return load_sipe(path, device, ckpt)
+    return load_classifier(path, device, ckpt)

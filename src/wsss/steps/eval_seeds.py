@@ -48,7 +48,7 @@ def read_seed(path: Path, method: str, shape: tuple[int, int] | None = None) -> 
 def run(params: Params, method: str) -> dict:
     from ..voc import CLASSES
 
-    seed_everything(params.seed)
+    seed_everything(params.seed, params.threads)
     voc = open_split(params, params.seed_split)
     names = ["background", *CLASSES]
     thresholds = sorted(set(params.threshold_sweep) | {params.threshold})

@@ -45,7 +45,7 @@ def _crf_job(job: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
 
 def run(params: Params, method: str) -> dict:
     check_method(method)
-    seed_everything(params.seed)
+    seed_everything(params.seed, params.threads)
     val = open_split(params, params.val_split)
     if not val.ids:
         raise UserError(f"split '{params.val_split}' has no ids; fix key 'val_split' or the split list")

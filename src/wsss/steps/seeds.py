@@ -39,7 +39,7 @@ def method_params(params: Params, method: str) -> Params:
 def run(params: Params, method: str) -> dict:
     from ..cams.registry import get_method
 
-    seed_everything(params.seed)
+    seed_everything(params.seed, params.threads)
     device = resolve_device(params.device)
     voc = open_split(params, params.seed_split)
     model = load_model(method, device)

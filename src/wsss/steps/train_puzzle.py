@@ -3,8 +3,12 @@
 Jo and Yu, "Puzzle-CAM: Improved localization via matching partial and full features",
 ICIP 2021.
 
-From the same initialisation as ``train-cls`` (not from ``cls.pt``), for ``puzzle_epochs`` at
-``puzzle_lr`` (batch ``cls_batch_size``, crop ``cls_crop``). With the logit-level class maps
+Starts from ``outputs/checkpoints/cls.pt`` (``puzzle_init: cls``, the default: trunk and
+classifier of the plain CAM classifier, the offline stand-in for the paper's ImageNet start,
+all at ``puzzle_lr``) or from the same initialisation as ``train-cls`` (``puzzle_init:
+pretrained``, classifier at 10x), and trains for ``puzzle_epochs`` at ``puzzle_lr`` (batch
+``cls_batch_size``, crop ``cls_crop``). From scratch, 400 steps were not enough on the
+synthetic world: val mAP 0.35 against 0.48 for ``train-cls``. With the logit-level class maps
 A = W^T F(I) (B, K, h, w) of the full images (no ReLU; GAP(A) = W^T GAP(F) are the logits,
 the same classifier as ``train-cls``) and the maps of the four 2x2 tiles of every image,
 merged back into one map A^re:
@@ -33,17 +37,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Params, resolve_device, seed_everything
-from ..datasets import ClassificationData
-from ..io import write_json
-from ..models.classifier import build_classifier
-from ..tracking import step_run
-from ..trainer import LoopSpec, classification_scores, train_loop
-from .common import open_split, out_dir, summary
+from ..config import Params, seed_everything
+from ..models.classifier import build_classifier, start_from_classifier
+from ..trainer import LoopSpec, fit_classifier, planned_schedule
+from .common import checkpoint_path, open_split, out_dir, summary
 
 NAME = "puzzlecam"
 TRAINING_KEYS = ("seed", "dataset", "data_dir", "train_split", "subset", "backbone", "output_stride",
-                 "pretrained", "puzzle_epochs", "puzzle_lr", "puzzle_alpha", "cls_batch_size",
+                 "pretrained", "puzzle_epochs", "puzzle_lr", "puzzle_alpha", "puzzle_init", "cls_batch_size",
                  "cls_weight_decay", "cls_crop", "max_steps")
 
 
@@ -98,12 +99,6 @@ def puzzle_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[st
     return {"cls": l_cls, "pcls": l_pcls, "re": l_re}
 
 
-def total_steps(n_items: int, epochs: int, batch_size: int, max_steps: int) -> int:
-    """The optimiser steps :func:`wsss.trainer.train_loop` will take (drop_last batches)."""
-    total = epochs * max(1, n_items // batch_size)
-    return min(total, max_steps) if max_steps else total
-
-
 def make_step_fn(params: Params, total: int):
     def step_fn(m, batch, step):
         x, y = batch[0], batch[1]
@@ -117,26 +112,22 @@ def make_step_fn(params: Params, total: int):
 
 
 def run(params: Params) -> dict:
-    seed_everything(params.seed)
-    device = resolve_device(params.device)
+    seed_everything(params.seed, params.threads)
     train = open_split(params, params.train_split)
     val = open_split(params, params.val_split)
-    data = ClassificationData(train, params.cls_crop, params.seed)
     model = build_classifier(params)
+    keys = {k: getattr(params, k) for k in TRAINING_KEYS}
+    new_heads: tuple[str, ...] = ("classifier",)
+    if params.puzzle_init == "cls":
+        keys["init"] = start_from_classifier(model, checkpoint_path("cls"), params.backbone, "puzzle_init")
+        new_heads = ()
     spec = LoopSpec(NAME, params.puzzle_epochs, params.puzzle_lr, params.cls_batch_size,
-                    params.cls_weight_decay, params.max_steps,
-                    {k: getattr(params, k) for k in TRAINING_KEYS})
-    total = total_steps(len(data), params.puzzle_epochs, params.cls_batch_size, params.max_steps)
-    step_fn = make_step_fn(params, total)
-
-    with step_run("train-puzzle", params, method=NAME) as tracker:
-        logs = train_loop(spec, model, data, step_fn, out_dir("checkpoints"), device, tracker, params.seed,
-                          epoch_end=lambda m, e: classification_scores(m, val, device))
-        nan = float("nan")
-        metrics = {k: logs.get(k, nan) for k in ("loss", "loss_cls", "loss_pcls", "loss_re", "val_map", "val_f1")}
-        metrics.update({"steps": int(logs["steps"]), "n_train": len(train)})
-        tracker.log_metrics({f"final_{k}": v for k, v in metrics.items()})
-        write_json(out_dir("metrics", f"train_{NAME}.json"), metrics)
+                    params.cls_weight_decay, params.max_steps, keys)
+    total = planned_schedule(len(train), params.cls_batch_size, params.puzzle_epochs, params.max_steps)[1]
+    metrics = fit_classifier("train-puzzle", params, spec, model, train, val, make_step_fn(params, total),
+                             out_dir("checkpoints"), out_dir("metrics", f"train_{NAME}.json"),
+                             loss_keys=("loss", "loss_cls", "loss_pcls", "loss_re"), new_prefixes=new_heads,
+                             method=NAME)
     summary("train-puzzle", f"{metrics['steps']} steps, loss {metrics['loss']:.4f} "
                             f"(re {metrics['loss_re']:.4f}), val mAP {metrics['val_map']:.3f}, "
                             f"val F1 {metrics['val_f1']:.3f}")

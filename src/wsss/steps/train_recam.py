@@ -226,7 +226,7 @@ def run(params: Params, variant: str = "cam") -> dict:
                         f"(got {source!r})")
     name = stage_name(variant)
     stage = f"train-{name}"
-    seed_everything(params.seed)
+    seed_everything(params.seed, params.threads)
     device = resolve_device(params.device)
     model, cls_ckpt = load_classifier(checkpoint_path("cls"), device)
     if model.recam_predictor is None:

@@ -91,27 +91,17 @@ def validation_epochs(params: Params, n_train: int) -> set[int]:
 
 
 def init_from_classifier(model, params: Params) -> str:
-    """Copy the trunk of ``outputs/checkpoints/cls.pt`` into the DeepLab backbone; returns
-    the classifier's fingerprint (a retrained cls.pt invalidates a resume file)."""
-    from ..models.classifier import load_classifier
+    """Copy the trunk of ``outputs/checkpoints/cls.pt`` into the DeepLab backbone (``seg_init:
+    cls``); returns the classifier's fingerprint."""
+    from ..models.classifier import start_from_classifier
     from .common import checkpoint_path
 
-    path = checkpoint_path("cls")
-    if not path.is_file():
-        raise UserError(f"{path}: classifier checkpoint missing (seg_init: cls); run `python cli.py train-cls` "
-                        f"first or set seg_init: pretrained")
-    cls_model, ckpt = load_classifier(path, "cpu")
-    if cls_model.arch != params.seg_backbone:
-        raise UserError(f"{path}: classifier backbone {cls_model.arch} differs from seg_backbone "
-                        f"{params.seg_backbone}; set seg_backbone: {cls_model.arch} or seg_init: pretrained")
-    # strides and dilations are not weights: an OS16 trunk loads into an OS8 one
-    model.backbone.load_state_dict(cls_model.backbone.state_dict())
-    return str(ckpt.get("fingerprint"))
+    return start_from_classifier(model, checkpoint_path("cls"), params.seg_backbone, "seg_init", head=False)
 
 
 def run(params: Params, method: str) -> dict:
     check_method(method)
-    seed_everything(params.seed)
+    seed_everything(params.seed, params.threads)
     device = resolve_device(params.device)
     keys = {k: getattr(params, k) for k in TRAINING_KEYS}
     if method == GT:
