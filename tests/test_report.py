@@ -80,6 +80,28 @@ def test_spread_reuses_a_finished_run_with_the_same_params_only(tmp_path, monkey
     ran.clear()
     pipeline.spread(Params(methods={"cam": "cls"}, threshold=0.3), [0], until="seg")  # other params
     assert ran == [0]
+    ran.clear()  # a method the finished run did not cover: rerun
+    pipeline.spread(Params(methods={"cam": "cls", "gradcam": "cls"}), [0], until="seg")
+    assert ran == [0]
+
+
+def test_spread_reuses_a_run_that_covered_more_methods(tmp_path, monkeypatch):
+    """A finished run over cam + gradcam serves a spread over cam alone (its gradcam row dropped,
+    the upper bound kept); the fingerprint leaves ``methods`` out."""
+    from wsss import pipeline
+
+    monkeypatch.setenv("WSSS_OUTPUTS", str(tmp_path))
+    monkeypatch.setenv("WSSS_TRACKING", "0")
+    both = Params(methods={"cam": "cls", "gradcam": "cls"})
+    assert report.params_fingerprint(both) == report.params_fingerprint(Params(methods={"cam": "cls"}))
+    assert report.params_fingerprint(both) != report.params_fingerprint(Params(methods={"cam": "cls"}, seed=1))
+    (tmp_path / "metrics").mkdir(parents=True)
+    (tmp_path / "metrics" / "report.json").write_text(json.dumps({
+        "rows": [{"method": "cam", "seed": 0.2}, {"method": "gradcam", "seed": 0.1},
+                 {"method": "upper bound (seg on GT masks)", "seg": 0.5}],
+        "params_fingerprint": report.params_fingerprint(both), "until": "seg"}))
+    rows, _ = pipeline.finished_run(Params(methods={"cam": "cls"}), "seg", [tmp_path])
+    assert [r["method"] for r in rows] == ["cam", "upper bound (seg on GT masks)"]
 
 
 def test_in_process_pipeline_runs_every_dvc_stage_after_its_inputs(monkeypatch):

@@ -10,7 +10,7 @@ import dataclasses
 import os
 from contextlib import contextmanager
 
-from .config import Params
+from .config import METHOD_CHECKPOINTS, Params
 
 TRAINED = {"recam": ("recam", "cam"), "recam-scorecam": ("recam", "scorecam"),
            "puzzlecam": ("puzzle", None), "sipe": ("sipe", None)}
@@ -76,30 +76,35 @@ def _env(**values: str):
 
 
 def finished_run(params: Params, until: str, roots: list) -> tuple[list[dict], object] | None:
-    """Rows of a finished run with exactly these params (and ``until``) in one of ``roots``
-    (their ``metrics/report.json``), or None."""
+    """Rows of a finished run with these params (``methods`` aside) and ``until`` that covered
+    every method of ``params.methods``, from one of ``roots`` (their ``metrics/report.json``),
+    or None. Rows of methods not asked for are dropped; the upper-bound row is kept."""
     import json
 
     from .steps.report import params_fingerprint
 
     fp = params_fingerprint(params)
+    wanted = set(params.methods)
     for root in roots:
         path = root / "metrics" / "report.json"
         try:
             done = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if done.get("params_fingerprint") == fp and done.get("until", "seg") == until:
-            return done["rows"], path
+        ran = {r["method"] for r in done.get("rows", [])}
+        if done.get("params_fingerprint") == fp and done.get("until", "seg") == until and wanted <= ran:
+            rows = [r for r in done["rows"] if r["method"] in wanted or r["method"] not in METHOD_CHECKPOINTS]
+            return rows, path
     return None
 
 
 def spread(params: Params, seeds: list[int], until: str = "seg") -> dict:
     """Run the pipeline once per random seed (outputs/spread/seed-N/) and report mean ± std.
 
-    A seed whose run already finished with the same params is not run again: its rows are
-    read back from ``outputs/spread/seed-N/`` or, for the seed of params.yaml, from the
-    main ``outputs/`` that ``dvc repro`` wrote (so ``bash run.sh`` counts as seed 0).
+    A seed whose run already finished with the same params (and at least these methods) is
+    not run again: its rows are read back from ``outputs/spread/seed-N/`` or, for the seed of
+    params.yaml, from the main ``outputs/`` that ``dvc repro`` wrote (so ``bash run.sh``
+    counts as seed 0, also for ``--methods`` subsets).
     Delete the folder's ``metrics/report.json`` to force a rerun (e.g. after a code change)."""
     from .steps import report
     from .steps.common import out_dir

@@ -128,10 +128,12 @@ def bar_chart(rows: list[dict], path: Path) -> None:
 
 
 def params_fingerprint(params: Params) -> str:
-    """Fingerprint of every param: ``spread`` reuses a finished run only when it matches."""
+    """Fingerprint of every param but ``methods``: ``spread`` reuses a finished run only when it
+    matches and the run covered every method asked for (each method's stages read cls.pt and
+    their own inputs only, so the other methods listed beside it do not change its rows)."""
     from ..trainer import fingerprint
 
-    return fingerprint(params.to_dict())
+    return fingerprint({k: v for k, v in params.to_dict().items() if k != "methods"})
 
 
 def run(params: Params, spread: dict | None = None, until: str = "seg") -> dict:
@@ -139,7 +141,8 @@ def run(params: Params, spread: dict | None = None, until: str = "seg") -> dict:
     text = markdown(rows, params, spread)
     write_text(out_dir("report.md"), text)
     bar_chart(rows, out_dir("report.png"))
-    result = {"rows": rows, "params_fingerprint": params_fingerprint(params), "until": until,
+    result = {"rows": rows, "params_fingerprint": params_fingerprint(params), "methods": list(params.methods),
+              "until": until,
               **({"spread": spread} if spread else {})}
     write_json(out_dir("metrics", "report.json"), result)
     with step_run("report", params) as tracker:
