@@ -153,3 +153,22 @@ def test_in_process_pipeline_runs_every_dvc_stage_after_its_inputs(monkeypatch):
         for other, _, outs in expanded:
             if other != cmd and any(o == d or o.startswith(d.rstrip("/") + "/") for o in outs for d in deps):
                 assert calls.index(other) < calls.index(cmd), f"{other} must run before {cmd}"
+
+
+def test_spread_report_shows_means_deltas_and_no_empty_single_run_table(tmp_path, monkeypatch):
+    """The spread folder has no per-method metrics of its own: its report is the mean ± std
+    table, with the deltas of the means against cam (by hand), and its rows are the means."""
+    monkeypatch.setenv("WSSS_OUTPUTS", str(tmp_path))
+    monkeypatch.setenv("WSSS_TRACKING", "0")
+    per_seed = {0: [{"method": "cam", "seed": 0.20, "mask": 0.22, "seg": 0.10, "seed_best": 0.21},
+                    {"method": "gradcam", "seed": 0.18, "mask": 0.19, "seg": 0.08, "seed_best": 0.19}],
+                1: [{"method": "cam", "seed": 0.18, "mask": 0.20, "seg": 0.12, "seed_best": 0.19},
+                    {"method": "gradcam", "seed": 0.16, "mask": 0.21, "seg": 0.10, "seed_best": 0.17}]}
+    agg = report.aggregate(per_seed)
+    result = report.run(Params(methods={"cam": "cls", "gradcam": "cls"}), spread=agg)
+    text = (tmp_path / "report.md").read_text()
+    assert "| gradcam | 17.0 ± 1.0 | 20.0 ± 1.0 | 9.0 ± 1.0 | 18.0 ± 1.0 | -2.0 / -1.0 / -2.0 |" in text
+    assert "| cam | 19.0 ± 1.0 | 21.0 ± 1.0 | 11.0 ± 1.0 | 20.0 ± 1.0 | - / - / - |" in text
+    assert "Δ vs cam | pseudo-mask" not in text  # no single-run table (its cells would be empty)
+    assert result["rows"][0]["seed"] == pytest.approx(0.19)
+    assert (tmp_path / "report.png").stat().st_size > 0

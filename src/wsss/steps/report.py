@@ -69,15 +69,18 @@ def _fmt_spread(mean, std) -> str:
 def markdown(rows: list[dict], params: Params, spread: dict | None = None) -> str:
     base = next((r for r in rows if r["method"] == "cam"), None)
     world = "synthetic VOC world" if params.dataset == "synth" else "PASCAL VOC 2012"
+    which = (f"mean ± population std over random seeds {spread['seeds']}" if spread
+             else f"random seed {params.seed}")
     lines = [f"# WSSS comparison on the {world}", "",
              f"Measured here: seed mIoU on `{params.seed_split}` (threshold {params.threshold}), "
              f"pseudo-mask mIoU on `{params.seed_split}` (dense CRF, conf_fg {params.conf_fg} / conf_bg "
              f"{params.conf_bg}, void counts as a miss), segmentation mIoU on `{params.val_split}`; "
-             f"backbone {params.backbone}, seed {params.seed}. Numbers are mIoU in %.", "",
-             "| method | seed mIoU | Δ vs cam | pseudo-mask mIoU | Δ vs cam | segmentation mIoU | Δ vs cam "
-             "| seed mIoU, oracle threshold |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+             f"backbone {params.backbone}, {which}. Numbers are mIoU in %.", ""]
+    if not spread:
+        lines += ["| method | seed mIoU | Δ vs cam | pseudo-mask mIoU | Δ vs cam | segmentation mIoU | Δ vs cam "
+                  "| seed mIoU, oracle threshold |",
+                  "|---|---|---|---|---|---|---|---|"]
+    for r in rows if not spread else []:
         cells = [r["method"]]
         for k, _ in STAGES:
             cells.append(_fmt(r[k]))
@@ -88,11 +91,16 @@ def markdown(rows: list[dict], params: Params, spread: dict | None = None) -> st
         cells.append(_fmt(r.get(ORACLE)))
         lines.append("| " + " | ".join(cells) + " |")
     if spread:
-        lines += ["", f"## Spread over random seeds {spread['seeds']} (mean ± std, mIoU %)", "",
-                  "| method | seed mIoU | pseudo-mask mIoU | segmentation mIoU | seed mIoU, oracle threshold |",
-                  "|---|---|---|---|---|"]
-        for m, s in spread["methods"].items():
-            lines.append(f"| {m} | " + " | ".join(_fmt_spread(*s.get(k, (None, None))) for k in SPREAD_KEYS) + " |")
+        cam = spread["methods"].get("cam", {})
+        lines += ["| method | seed mIoU | pseudo-mask mIoU | segmentation mIoU | seed mIoU, oracle threshold "
+                  "| Δ vs cam (seed / mask / seg, of the means) |",
+                  "|---|---|---|---|---|---|"]
+        for m, st in spread["methods"].items():
+            compared = m != "cam" and not m.startswith("upper")
+            deltas = [f"{100 * (st[k][0] - cam[k][0]):+.1f}" if compared and k in st and k in cam else "-"
+                      for k, _ in STAGES]
+            lines.append(f"| {m} | " + " | ".join(_fmt_spread(*st.get(k, (None, None))) for k in SPREAD_KEYS)
+                         + " | " + " / ".join(deltas) + " |")
     lines += ["", f"The oracle column is the best seed mIoU over threshold_sweep {list(params.threshold_sweep)}, "
               "picked on the scored images themselves: an upper bound on what tuning the threshold per "
               "method could give, not a fair score.",
@@ -106,7 +114,15 @@ def markdown(rows: list[dict], params: Params, spread: dict | None = None) -> st
     return "\n".join(lines) + "\n"
 
 
-def bar_chart(rows: list[dict], path: Path) -> None:
+def spread_rows(spread: dict) -> list[dict]:
+    """Rows (as :func:`collect` returns them) holding the means of a spread."""
+    return [{"method": m, **{k: st[k][0] if k in st else None for k in SPREAD_KEYS}}
+            for m, st in spread["methods"].items()]
+
+
+def bar_chart(rows: list[dict], path: Path, spread: dict | None = None) -> None:
+    """Grouped bars per method (seed, pseudo-mask, segmentation); with a spread, the means
+    with ± std error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -117,7 +133,8 @@ def bar_chart(rows: list[dict], path: Path) -> None:
     x = np.arange(len(rows))
     for i, (k, _) in enumerate(STAGES):
         vals = [100 * r[k] if r[k] is not None else 0 for r in rows]
-        ax.bar(x + (i - 1) * width, vals, width, label={"seed": "seed", "mask": "pseudo-mask", "seg": "segmentation"}[k])
+        err = ([100 * spread["methods"][r["method"]].get(k, (0, 0))[1] for r in rows] if spread else None)
+        ax.bar(x + (i - 1) * width, vals, width, yerr=err, capsize=2 if spread else 0, label={"seed": "seed", "mask": "pseudo-mask", "seg": "segmentation"}[k])
     ax.set_xticks(x, [r["method"].replace(" (seg on GT masks)", "\n(GT masks)") for r in rows], rotation=30, ha="right")
     ax.set_ylabel("mIoU (%)")
     ax.legend()
@@ -137,10 +154,10 @@ def params_fingerprint(params: Params) -> str:
 
 
 def run(params: Params, spread: dict | None = None, until: str = "seg") -> dict:
-    rows = collect(list(params.methods))
+    rows = collect(list(params.methods)) if not spread else spread_rows(spread)
     text = markdown(rows, params, spread)
     write_text(out_dir("report.md"), text)
-    bar_chart(rows, out_dir("report.png"))
+    bar_chart(rows, out_dir("report.png"), spread)
     result = {"rows": rows, "params_fingerprint": params_fingerprint(params), "methods": list(params.methods),
               "until": until,
               **({"spread": spread} if spread else {})}
