@@ -10,10 +10,11 @@ paper's ImageNet start) or from the same initialisation as ``train-cls`` (``sipe
 pretrained``); trained for ``sipe_epochs`` at ``sipe_lr`` (batch ``cls_batch_size``, crop
 ``cls_crop``; the side projections, and from scratch the classifier too, are new heads at
 10x the learning rate). From scratch, 400 steps did not train it on the synthetic world
-(val mAP 0.24-0.29, soft-margin loss near ln 2, all-zero IS-CAMs). Per step (math in :mod:`wsss.models.sipe`): normalised CAMs of the
-present classes and the background 1 - max_c CAM, structure-aware seeds from the pixel
-correlation of the hierarchical features, image-specific prototypes over the seed regions,
-IS-CAM = ReLU(cos(f, p_k)), and
+(val mAP 0.24-0.29, soft-margin loss near ln 2). Per step (math in :mod:`wsss.models.sipe`):
+normalised CAMs of the present classes and the background 1 - max_c CAM, structure-aware
+seeds from the pixel correlation of the semantic (last-stage) features with the background's
+similarity halved, image-specific prototypes of the hierarchical features over the seed
+regions, IS-CAM = ReLU(cos(f, p_k)), and
 
     L = L_soft-margin(z, y) + sipe_lambda * L_gsc,   L_gsc = mean |CAM_k - IS-CAM_k|
 
