@@ -66,8 +66,40 @@ def _fmt_spread(mean, std) -> str:
     return "-" if mean is None else f"{100 * mean:.1f} ± {100 * std:.1f}"
 
 
+def _delta(method: str, value, base) -> str:
+    """Δ vs cam in points, or "-" for cam itself, the upper bound and missing values."""
+    if method == "cam" or method.startswith("upper") or value is None or base is None:
+        return "-"
+    return f"{100 * (value - base):+.1f}"
+
+
+def _single_table(rows: list[dict]) -> list[str]:
+    base = next((r for r in rows if r["method"] == "cam"), {})
+    lines = ["| method | seed mIoU | Δ vs cam | pseudo-mask mIoU | Δ vs cam | segmentation mIoU | Δ vs cam "
+             "| seed mIoU, oracle threshold |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [r["method"]]
+        for k, _ in STAGES:
+            cells += [_fmt(r[k]), _delta(r["method"], r[k], base.get(k))]
+        cells.append(_fmt(r.get(ORACLE)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _spread_table(spread: dict) -> list[str]:
+    cam = spread["methods"].get("cam", {})
+    lines = ["| method | seed mIoU | pseudo-mask mIoU | segmentation mIoU | seed mIoU, oracle threshold "
+             "| Δ vs cam (seed / mask / seg, of the means) |",
+             "|---|---|---|---|---|---|"]
+    for m, st in spread["methods"].items():
+        deltas = [_delta(m, st.get(k, (None,))[0], cam.get(k, (None,))[0]) for k, _ in STAGES]
+        lines.append(f"| {m} | " + " | ".join(_fmt_spread(*st.get(k, (None, None))) for k in SPREAD_KEYS)
+                     + " | " + " / ".join(deltas) + " |")
+    return lines
+
+
 def markdown(rows: list[dict], params: Params, spread: dict | None = None) -> str:
-    base = next((r for r in rows if r["method"] == "cam"), None)
     world = "synthetic VOC world" if params.dataset == "synth" else "PASCAL VOC 2012"
     which = (f"mean ± population std over random seeds {spread['seeds']}" if spread
              else f"random seed {params.seed}")
@@ -76,31 +108,7 @@ def markdown(rows: list[dict], params: Params, spread: dict | None = None) -> st
              f"pseudo-mask mIoU on `{params.seed_split}` (dense CRF, conf_fg {params.conf_fg} / conf_bg "
              f"{params.conf_bg}, void counts as a miss), segmentation mIoU on `{params.val_split}`; "
              f"backbone {params.backbone}, {which}. Numbers are mIoU in %.", ""]
-    if not spread:
-        lines += ["| method | seed mIoU | Δ vs cam | pseudo-mask mIoU | Δ vs cam | segmentation mIoU | Δ vs cam "
-                  "| seed mIoU, oracle threshold |",
-                  "|---|---|---|---|---|---|---|---|"]
-    for r in rows if not spread else []:
-        cells = [r["method"]]
-        for k, _ in STAGES:
-            cells.append(_fmt(r[k]))
-            if base is None or r is base or r[k] is None or base[k] is None or r["method"].startswith("upper"):
-                cells.append("-")
-            else:
-                cells.append(f"{100 * (r[k] - base[k]):+.1f}")
-        cells.append(_fmt(r.get(ORACLE)))
-        lines.append("| " + " | ".join(cells) + " |")
-    if spread:
-        cam = spread["methods"].get("cam", {})
-        lines += ["| method | seed mIoU | pseudo-mask mIoU | segmentation mIoU | seed mIoU, oracle threshold "
-                  "| Δ vs cam (seed / mask / seg, of the means) |",
-                  "|---|---|---|---|---|---|"]
-        for m, st in spread["methods"].items():
-            compared = m != "cam" and not m.startswith("upper")
-            deltas = [f"{100 * (st[k][0] - cam[k][0]):+.1f}" if compared and k in st and k in cam else "-"
-                      for k, _ in STAGES]
-            lines.append(f"| {m} | " + " | ".join(_fmt_spread(*st.get(k, (None, None))) for k in SPREAD_KEYS)
-                         + " | " + " / ".join(deltas) + " |")
+    lines += _spread_table(spread) if spread else _single_table(rows)
     lines += ["", f"The oracle column is the best seed mIoU over threshold_sweep {list(params.threshold_sweep)}, "
               "picked on the scored images themselves: an upper bound on what tuning the threshold per "
               "method could give, not a fair score.",
@@ -134,7 +142,8 @@ def bar_chart(rows: list[dict], path: Path, spread: dict | None = None) -> None:
     for i, (k, _) in enumerate(STAGES):
         vals = [100 * r[k] if r[k] is not None else 0 for r in rows]
         err = ([100 * spread["methods"][r["method"]].get(k, (0, 0))[1] for r in rows] if spread else None)
-        ax.bar(x + (i - 1) * width, vals, width, yerr=err, capsize=2 if spread else 0, label={"seed": "seed", "mask": "pseudo-mask", "seg": "segmentation"}[k])
+        ax.bar(x + (i - 1) * width, vals, width, yerr=err, capsize=2 if spread else 0,
+               label={"seed": "seed", "mask": "pseudo-mask", "seg": "segmentation"}[k])
     ax.set_xticks(x, [r["method"].replace(" (seg on GT masks)", "\n(GT masks)") for r in rows], rotation=30, ha="right")
     ax.set_ylabel("mIoU (%)")
     ax.legend()
@@ -158,8 +167,7 @@ def run(params: Params, spread: dict | None = None, until: str = "seg") -> dict:
     text = markdown(rows, params, spread)
     write_text(out_dir("report.md"), text)
     bar_chart(rows, out_dir("report.png"), spread)
-    result = {"rows": rows, "params_fingerprint": params_fingerprint(params), "methods": list(params.methods),
-              "until": until,
+    result = {"rows": rows, "params_fingerprint": params_fingerprint(params), "until": until,
               **({"spread": spread} if spread else {})}
     write_json(out_dir("metrics", "report.json"), result)
     with step_run("report", params) as tracker:
