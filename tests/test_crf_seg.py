@@ -136,6 +136,30 @@ def test_deeplab_forward_odd_sizes():
         assert DeepLab("resnet18", 8).eval()(torch.randn(1, 3, 31, 27)).shape == (1, 21, 31, 27)
 
 
+def test_v3plus_decoder_reads_the_stride4_features(tmp_path):
+    """v3+ predicts at stride 4 from the stride-4 features (layer1); without it the logits come
+    from the last stage alone, so changing layer1's output changes nothing."""
+    from wsss.models.deeplab import DeepLab, SegHead, load_deeplab
+
+    torch.manual_seed(0)
+    channels = [64, 128, 256, 512]
+    stages = [torch.randn(1, c, s, s) for c, s in zip(channels, (24, 12, 6, 6))]
+    other = [stages[0] + torch.randn_like(stages[0])] + stages[1:]
+    for decoder, changes, size in (("none", False, 6), ("v3plus", True, 24)):
+        head = SegHead(channels, 21, (6, 12, 18), decoder).eval()
+        with torch.no_grad():
+            a, b = head(stages), head(other)
+        assert a.shape == (1, 21, size, size)
+        assert (not torch.equal(a, b)) == changes, decoder
+    model = DeepLab("resnet18", 16, decoder="v3plus").eval()
+    assert model(torch.randn(1, 3, 37, 53)).shape == (1, 21, 37, 53)
+    torch.save({"spec": model.spec(), "model": model.state_dict()}, tmp_path / "seg-gt.pt")
+    loaded, _ = load_deeplab(tmp_path / "seg-gt.pt")
+    assert loaded.decoder == "v3plus"
+    with pytest.raises(UserError, match="seg_decoder"):
+        DeepLab("resnet18", 16, decoder="v4")
+
+
 @pytest.mark.parametrize("shape", [(5, 7), (5, 30), (30, 5), (30, 30)])
 def test_atrous_conv_shortcut_is_exact(shape):
     from wsss.models.deeplab import AtrousConv2d

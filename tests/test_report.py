@@ -172,3 +172,93 @@ def test_spread_report_shows_means_deltas_and_no_empty_single_run_table(tmp_path
     assert "Δ vs cam | pseudo-mask" not in text  # no single-run table (its cells would be empty)
     assert result["rows"][0]["seed"] == pytest.approx(0.19)
     assert (tmp_path / "report.png").stat().st_size > 0
+
+
+def _write_metrics(root, files: dict) -> None:
+    for rel, obj in files.items():
+        path = root / "metrics" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj))
+
+
+def test_regime_block_from_metrics_files(tmp_path, monkeypatch):
+    """The regime block: measured values beside the reported VOC ones (ratios by hand), and the
+    per-method role table where eval-seeds measured it ("-" where it did not)."""
+    monkeypatch.setenv("WSSS_OUTPUTS", str(tmp_path))
+    monkeypatch.setenv("WSSS_TRACKING", "0")
+    _write_metrics(tmp_path, {
+        "train_cls.json": {"val_map": 0.46, "val_f1": 0.3},
+        "eval_seg/gt.json": {"miou": 0.25},
+        "eval_seeds/cam.json": {"miou": 0.20, "best_miou": 0.21, "part_recall": 0.6, "body_recall": 0.15,
+                                "cooccur_fp": 0.05, "context_fp": 0.12},
+        "crf/cam.json": {"miou": 0.22},
+        "eval_seeds/gradcam.json": {"miou": 0.18, "best_miou": 0.19},  # no roles measured
+    })
+    result = report.run(Params(methods={"cam": "cls", "gradcam": "cls"}))
+    text = (tmp_path / "report.md").read_text()
+    assert "| classifier val mAP | 0.460 | > 0.9 (reported; ImageNet ResNet-50) |" in text
+    assert ("| upper bound: segmentation mIoU, DeepLab on GT masks (val) | 25.0 "
+            "| about 76-80 (reported; fully supervised DeepLab) |") in text
+    assert "| CAM seed mIoU | 20.0 | 48.3 (reported; CAM seeds, train) |" in text
+    assert "| CAM pseudo-mask mIoU | 22.0 | 66.5 (reported; IRN pseudo-masks, train) |" in text
+    # seed / upper bound = 0.20 / 0.25 = 0.80; pseudo-mask / seed = 0.22 / 0.20 = 1.10
+    assert "| CAM seed / upper bound | 0.80 | about 0.6 (reported; 48.3 / 76-80) |" in text
+    assert "| CAM pseudo-mask / CAM seed | 1.10 | 1.38 (reported; 66.5 / 48.3) |" in text
+    # part / body = 0.6 / 0.15 = 4.00
+    assert "| method | part recall | body recall | part / body | co-occurrence FP | context FP |" in text
+    assert "| cam | 60.0 | 15.0 | 4.00 | 5.0 | 12.0 |" in text
+    assert "| gradcam | - | - | - | - | - |" in text
+    assert "| upper bound (seg on GT masks) | - | - |" not in text.split("part recall")[1]
+    assert result["regime"] == {"val_map": 0.46, "upper": 0.25, "cam_seed": 0.20, "cam_mask": 0.22,
+                                "seed_over_upper": pytest.approx(0.8), "mask_over_seed": pytest.approx(1.1)}
+    saved = json.loads((tmp_path / "metrics" / "report.json").read_text())
+    assert saved["rows"][0]["part_body"] == pytest.approx(4.0)
+
+
+def test_regime_block_with_missing_files_shows_dashes_and_no_role_table(tmp_path, monkeypatch):
+    """No train_cls.json, no upper bound, no crf, no role metrics (real VOC): "-" cells, the
+    reported column intact, no role table."""
+    monkeypatch.setenv("WSSS_OUTPUTS", str(tmp_path))
+    monkeypatch.setenv("WSSS_TRACKING", "0")
+    _write_metrics(tmp_path, {"eval_seeds/cam.json": {"miou": 0.2, "best_miou": 0.2}})
+    result = report.run(Params(methods={"cam": "cls"}))
+    text = (tmp_path / "report.md").read_text()
+    assert "| classifier val mAP | - | > 0.9 (reported; ImageNet ResNet-50) |" in text
+    assert "| CAM seed mIoU | 20.0 | 48.3 (reported; CAM seeds, train) |" in text
+    assert "| CAM seed / upper bound | - | about 0.6 (reported; 48.3 / 76-80) |" in text
+    assert "| CAM pseudo-mask / CAM seed | - | 1.38 (reported; 66.5 / 48.3) |" in text
+    assert "part recall" not in text
+    assert result["regime"]["val_map"] is None
+
+
+def test_spread_carries_the_regime_as_mean_and_std(tmp_path, monkeypatch):
+    """``spread`` averages each seed's regime (from its report.json, also a reused one) and the
+    role metrics of its rows; the spread report shows them as mean ± std (by hand)."""
+    from wsss import pipeline
+
+    monkeypatch.setenv("WSSS_OUTPUTS", str(tmp_path))
+    monkeypatch.setenv("WSSS_TRACKING", "0")
+    params = Params(methods={"cam": "cls"})
+    _write_metrics(tmp_path, {  # seed 0: the main run
+        "train_cls.json": {"val_map": 0.40},
+        "eval_seeds/cam.json": {"miou": 0.20, "best_miou": 0.2, "part_recall": 0.6, "body_recall": 0.2},
+        "crf/cam.json": {"miou": 0.24}})
+    report.run(params)
+    # seed 1: a finished run of the same params, with its own regime
+    _write_metrics(tmp_path / "spread" / "seed-1", {"report.json": {
+        "rows": [{"method": "cam", "seed": 0.30, "mask": 0.30, "seg": None, "seed_best": 0.3,
+                  "part_recall": 0.7, "body_recall": 0.1, "part_body": 7.0}],
+        "regime": {"val_map": 0.50, "cam_seed": 0.30, "cam_mask": 0.30, "mask_over_seed": 1.0, "upper": None},
+        "params_fingerprint": report.params_fingerprint(Params(methods={"cam": "cls"}, seed=1)), "until": "seg"}})
+    monkeypatch.setattr(pipeline, "run_all", lambda p, until: pytest.fail("both seeds are finished"))
+    agg = pipeline.spread(params, [0, 1])
+    # val mAP 0.40, 0.50 -> 0.45 ± 0.05; pseudo-mask / seed 0.24 / 0.20 = 1.2 and 1.0 -> 1.10 ± 0.10
+    assert agg["regime"]["val_map"] == (pytest.approx(0.45), pytest.approx(0.05))
+    assert agg["regime"]["mask_over_seed"] == (pytest.approx(1.1), pytest.approx(0.1))
+    assert "upper" not in agg["regime"]  # measured by neither seed
+    text = (tmp_path / "spread" / "report.md").read_text()
+    assert "| classifier val mAP | 0.450 ± 0.050 | > 0.9 (reported; ImageNet ResNet-50) |" in text
+    assert "| CAM pseudo-mask / CAM seed | 1.10 ± 0.10 | 1.38 (reported; 66.5 / 48.3) |" in text
+    assert "| CAM seed / upper bound | - |" in text
+    # part recall 0.6, 0.7 -> 65.0 ± 5.0; body 0.2, 0.1 -> 15.0 ± 5.0; part / body 3, 7 -> 5.00 ± 2.00
+    assert "| cam | 65.0 ± 5.0 | 15.0 ± 5.0 | 5.00 ± 2.00 | - | - |" in text

@@ -57,6 +57,8 @@ class Params:
     synth_n_extra: int = 0  # extra images listed only in train_aug (like SBD)
     synth_size: int = 96
     synth_max_objects: int = 3
+    synth_extent: list[float] = field(default_factory=lambda: [0.25, 0.6])  # body's longer side / image side
+    synth_body_tint: float = 0.7  # how far each body's colour leans to its class's own hue (0 = group colour)
     synth_cooccur: float = 0.5
     synth_context: float = 0.7
     synth_occlusion: float = 0.3
@@ -124,6 +126,7 @@ class Params:
     seg_batch_size: int = 16
     seg_lr: float = 0.01
     seg_crop: int = 96
+    seg_decoder: str = "v3plus"  # none | v3plus (DeepLab-v3+ decoder on the stride-4 features)
     seg_crf: bool = False  # dense CRF post-processing in eval-seg
     # backbone start: "pretrained" (above) or "cls": the trunk of outputs/checkpoints/cls.pt,
     # trained on image labels only (the offline stand-in for ImageNet initialisation)
@@ -154,6 +157,7 @@ class Params:
         choice("dataset", ["synth", "voc"])
         choice("backbone", ["resnet18", "resnet34", "resnet50"])
         choice("seg_backbone", ["resnet18", "resnet34", "resnet50"])
+        choice("seg_decoder", ["none", "v3plus"])
         choice("scorecam_variant", ["correct", "study"])
         choice("scorecam_score", ["sigmoid", "logit"])
         choice("recam_scorecam_mask", ["seeds", "online"])
@@ -171,7 +175,9 @@ class Params:
                   "recam_lambda", "puzzle_alpha", "sipe_lambda", "seg_val_every"):
             if getattr(self, k) < 0:
                 raise bad(k, f"must be >= 0 (got {getattr(self, k)!r})")
-        unit("synth_cooccur", "synth_context", "synth_occlusion", "threshold", "conf_fg", "conf_bg")
+        if (len(self.synth_extent) != 2 or not 0 < self.synth_extent[0] <= self.synth_extent[1] <= 1.5):
+            raise bad("synth_extent", f"must be [min, max] with 0 < min <= max <= 1.5 (got {self.synth_extent!r})")
+        unit("synth_body_tint", "synth_cooccur", "synth_context", "synth_occlusion", "threshold", "conf_fg", "conf_bg")
         if self.conf_bg > self.conf_fg:
             raise bad("conf_bg", f"must be <= conf_fg ({self.conf_bg} > {self.conf_fg})")
         if not self.methods:

@@ -106,21 +106,25 @@ def spread(params: Params, seeds: list[int], until: str = "seg") -> dict:
     params.yaml, from the main ``outputs/`` that ``dvc repro`` wrote (so ``bash run.sh``
     counts as seed 0, also for ``--methods`` subsets).
     Delete the folder's ``metrics/report.json`` to force a rerun (e.g. after a code change)."""
+    import json
+
     from .steps import report
     from .steps.common import out_dir
 
-    per_seed = {}
+    per_seed, regimes = {}, {}
     for s in seeds:
         root = out_dir("spread", f"seed-{s}")
         p = dataclasses.replace(params, seed=s)
         done = finished_run(p, until, [root, out_dir()])
         if done is not None:
             per_seed[s] = done[0]
+            regimes[s] = json.loads(done[1].read_text()).get("regime") or {}
             print(f"[spread] seed {s}: reusing the finished run in {done[1]} (same params)", flush=True)
             continue
         with _env(WSSS_OUTPUTS=str(root), WSSS_PIPELINE=f"spread-seed-{s}"):
-            per_seed[s] = run_all(p, until=until)["rows"]
-    agg = report.aggregate(per_seed)
+            result = run_all(p, until=until)
+        per_seed[s], regimes[s] = result["rows"], result.get("regime") or {}
+    agg = report.aggregate(per_seed, regimes)
     with _env(WSSS_OUTPUTS=str(out_dir("spread"))):
         report.run(params, spread=agg)
     return agg

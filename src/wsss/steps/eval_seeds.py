@@ -3,20 +3,26 @@
 A seed becomes a label map by putting a constant background score equal to ``threshold``
 beside the present classes' maps and taking the argmax (IRN/ReCAM's ``cam_eval_thres``).
 Besides the mIoU at ``threshold`` it sweeps ``threshold_sweep`` and writes the curve as a DVC
-plot (``outputs/plots/threshold/<method>.csv``) and an MLflow figure.
+plot (``outputs/plots/threshold/<method>.csv``) and an MLflow figure. On the synthetic world
+(its ``SegmentationRole`` maps) it also measures where the seeds at ``threshold`` land: part vs
+body recall, co-occurrence and context false positives (:mod:`wsss.regime`).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
+from .. import regime
 from ..config import Params, seed_everything
 from ..errors import UserError
 from ..io import load_npz, write_json, write_text
 from ..metrics import ConfusionMatrix
+from ..synth import CONTEXTS_FILE, ROLE_DIR
 from ..tracking import step_run
 from .common import open_split, out_dir, summary
 
@@ -45,6 +51,32 @@ def read_seed(path: Path, method: str, shape: tuple[int, int] | None = None) -> 
     return keys, cams
 
 
+def open_roles(root: Path) -> dict[str, bool] | None:
+    """id -> class_context of a tree with role maps (the synthetic world), None without (VOC)."""
+    if not (root / ROLE_DIR).is_dir():
+        return None
+    path = root / CONTEXTS_FILE
+    try:
+        return {i: bool(c["class_context"]) for i, c in json.loads(path.read_text()).items()}
+    except (OSError, ValueError, TypeError, KeyError):
+        raise UserError(f"{path}: missing or unreadable beside {ROLE_DIR}/; regenerate with "
+                        f"`python cli.py data synth`") from None
+
+
+def read_roles(root: Path, image_id: str, shape: tuple[int, int]) -> np.ndarray:
+    """The role map of one image (0 background, 1 body, 2 part, 255 void)."""
+    path = root / ROLE_DIR / f"{image_id}.png"
+    try:
+        with Image.open(path) as img:
+            role = np.array(img)
+    except (OSError, ValueError):
+        raise UserError(f"{path}: role map missing or unreadable; regenerate with `python cli.py data synth`") from None
+    if role.shape != tuple(shape):
+        raise UserError(f"{path}: role map is {role.shape} but the mask is {tuple(shape)}; "
+                        f"regenerate with `python cli.py data synth`")
+    return role
+
+
 def run(params: Params, method: str) -> dict:
     from ..voc import CLASSES
 
@@ -54,12 +86,21 @@ def run(params: Params, method: str) -> dict:
     thresholds = sorted(set(params.threshold_sweep) | {params.threshold})
     cms = {t: ConfusionMatrix(21) for t in thresholds}
     seed_dir = out_dir("seeds", method)
+    contexts = open_roles(voc.root)
+    counts = regime.Counts()
     samples = []
     for id_ in tqdm(voc.ids, desc=f"eval-seeds {method}", dynamic_ncols=True, leave=False):
         gt = voc.mask(id_)
         keys, cams = read_seed(seed_dir / f"{id_}.npz", method, gt.shape)
         for t in thresholds:
             cms[t].update(seed_to_label(keys, cams, t, gt.shape), gt)
+        if contexts is not None:
+            if id_ not in contexts:
+                raise UserError(f"{voc.root / CONTEXTS_FILE}: no entry for {id_}; regenerate with "
+                                f"`python cli.py data synth`")
+            counts += regime.image_counts(seed_to_label(keys, cams, params.threshold, gt.shape), gt,
+                                          read_roles(voc.root, id_, gt.shape), regime.partner_pairs(np.unique(gt)),
+                                          contexts[id_])
         if len(samples) < 4:
             samples.append((id_, keys, cams, gt))
     scores = cms[params.threshold].scores(names)
@@ -68,18 +109,28 @@ def run(params: Params, method: str) -> dict:
     metrics = {"miou": scores["miou"], "threshold": params.threshold, "best_threshold": best_t,
                "best_miou": best_miou, "per_class_iou": scores["per_class_iou"],
                "precision": scores["precision"], "recall": scores["recall"]}
+    rates = counts.rates() if contexts is not None else {}
+    metrics.update({k: v for k, v in rates.items() if v is not None})  # unmeasured: left out
     plot_path = out_dir("plots", "threshold", f"{method}.csv")
     write_text(plot_path, "threshold,miou\n" + "".join(f"{t},{m:.6f}\n" for t, m in curve))
     write_json(out_dir("metrics", "eval_seeds", f"{method}.json"), metrics)
     with step_run("eval-seeds", params, method=method) as tracker:
         tracker.log_metrics({"seed_miou": scores["miou"], "best_threshold": best_t, "best_seed_miou": best_miou})
+        tracker.log_metrics({k: v for k, v in rates.items() if v is not None})
         for t, m in curve:
             tracker.log_metrics({"seed_miou_sweep": m}, step=int(round(t * 100)))
         tracker.log_artifact(plot_path, "plots")
         _log_pictures(tracker, method, curve, params.threshold, scores, samples, voc)
+    where = (f"; part / body recall {_pct(rates['part_recall'])} / {_pct(rates['body_recall'])}, "
+             f"co-occurrence FP {_pct(rates['cooccur_fp'])}, context FP {_pct(rates['context_fp'])}"
+             if rates else "")
     summary("eval-seeds", f"{method}: seed mIoU {scores['miou']:.4f} at threshold {params.threshold} "
-                          f"(best {best_miou:.4f} at {best_t})")
+                          f"(best {best_miou:.4f} at {best_t}){where}")
     return metrics
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
 
 
 def _log_pictures(tracker, method, curve, threshold, scores, samples, voc) -> None:

@@ -1,7 +1,11 @@
 """Step ``report``: the headline table "method x {seed, pseudo-mask, segmentation mIoU}" with
 deltas against ``cam``, the fully supervised upper bound, and the figures reported in the
-literature (../shared/SEEDS.md), each labelled "reported". Writes ``outputs/report.md``,
-``outputs/report.png`` (bar chart) and ``outputs/metrics/report.json``; logs all to MLflow.
+literature (../shared/SEEDS.md), each labelled "reported". A regime block sets the ratios that
+say how hard this world is (classifier mAP, CAM seed / upper bound, pseudo-mask / seed) beside
+the published VOC ones and, on the synthetic world, shows where each method's seeds land (part
+vs body, co-occurring partner, class-correlated background; measured by ``eval-seeds``).
+Writes ``outputs/report.md``, ``outputs/report.png`` (bar chart) and
+``outputs/metrics/report.json``; logs all to MLflow.
 """
 
 from __future__ import annotations
@@ -23,6 +27,24 @@ STAGES = (("seed", "eval_seeds"), ("mask", "crf"), ("seg", "eval_seg"))
 #: its scores are calibrated against the one shared ``threshold``.
 ORACLE = "seed_best"
 SPREAD_KEYS = tuple(k for k, _ in STAGES) + (ORACLE,)
+#: Where the seeds land, per method (eval_seeds/<method>.json on the synthetic world; see
+#: wsss.regime), plus ``part_body`` = part_recall / body_recall. Aggregated by ``spread`` too.
+ROLE_KEYS = ("part_recall", "body_recall", "part_body", "cooccur_fp", "context_fp")
+ROLE_HEADERS = ("part recall", "body recall", "part / body", "co-occurrence FP", "context FP")
+
+#: The regime block: key in report.json's ``regime``, quantity, format (frac, pct or ratio) and
+#: the published PASCAL VOC 2012 figure it stands beside. The ratios travel between worlds
+#: better than absolute mIoUs: IRN's CAM seeds reach 48.3 / ~78 = 0.6 of full supervision and
+#: its pseudo-masks 66.5 / 48.3 = 1.38 times the seeds.
+REGIME = (
+    ("val_map", "classifier val mAP", "frac", "> 0.9 (reported; ImageNet ResNet-50)"),
+    ("upper", "upper bound: segmentation mIoU, DeepLab on GT masks (val)", "pct",
+     "about 76-80 (reported; fully supervised DeepLab)"),
+    ("cam_seed", "CAM seed mIoU", "pct", "48.3 (reported; CAM seeds, train)"),
+    ("cam_mask", "CAM pseudo-mask mIoU", "pct", "66.5 (reported; IRN pseudo-masks, train)"),
+    ("seed_over_upper", "CAM seed / upper bound", "ratio", "about 0.6 (reported; 48.3 / 76-80)"),
+    ("mask_over_seed", "CAM pseudo-mask / CAM seed", "ratio", "1.38 (reported; 66.5 / 48.3)"),
+)
 
 #: Published PASCAL VOC 2012 figures (mIoU %, seed/mask on train, seg on val), from SEEDS.md.
 REPORTED = [
@@ -38,22 +60,38 @@ REPORTED = [
 ]
 
 
-def _read(stage_dir: str, method: str) -> dict:
-    p = out_dir("metrics", stage_dir, f"{method}.json")
+def _read(*parts: str) -> dict:
+    p = out_dir("metrics", *parts)
     return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
 
 
 def collect(methods: list[str]) -> list[dict]:
     rows = []
     for m in methods:
-        scores = {k: _read(d, m) for k, d in STAGES}
+        scores = {k: _read(d, f"{m}.json") for k, d in STAGES}
+        seed = scores["seed"]
+        roles = {k: seed.get(k) for k in ROLE_KEYS}
+        roles["part_body"] = _ratio(seed.get("part_recall"), seed.get("body_recall"))
         rows.append({"method": m, **{k: v.get("miou") for k, v in scores.items()},
-                     ORACLE: scores["seed"].get("best_miou")})
-    gt = _read("eval_seg", "gt").get("miou")
+                     ORACLE: seed.get("best_miou"), **roles})
+    gt = _read("eval_seg", "gt.json").get("miou")
     if gt is not None:
         rows.append({"method": "upper bound (seg on GT masks)", "seed": None, "mask": None, "seg": gt,
-                     ORACLE: None})
+                     ORACLE: None, **dict.fromkeys(ROLE_KEYS)})
     return rows
+
+
+def regime_values(rows: list[dict], val_map: float | None) -> dict:
+    """The measured side of the regime block, from the rows and the classifier's val mAP."""
+    cam = next((r for r in rows if r["method"] == "cam"), {})
+    upper = next((r["seg"] for r in rows if r["method"].startswith("upper")), None)
+    seed, mask = cam.get("seed"), cam.get("mask")
+    return {"val_map": val_map, "upper": upper, "cam_seed": seed, "cam_mask": mask,
+            "seed_over_upper": _ratio(seed, upper), "mask_over_seed": _ratio(mask, seed)}
 
 
 def _fmt(v, pct=True) -> str:
@@ -64,6 +102,15 @@ def _fmt(v, pct=True) -> str:
 
 def _fmt_spread(mean, std) -> str:
     return "-" if mean is None else f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def _cell(kind: str, value, std=None) -> str:
+    """``value`` (± ``std`` when given) as a fraction (frac), in % (pct) or as a ratio."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    scale, digits = {"frac": (1, 3), "pct": (100, 1), "ratio": (1, 2)}[kind]
+    text = f"{scale * value:.{digits}f}"
+    return text if std is None else f"{text} ± {scale * std:.{digits}f}"
 
 
 def _delta(method: str, value, base) -> str:
@@ -99,7 +146,39 @@ def _spread_table(spread: dict) -> list[str]:
     return lines
 
 
-def markdown(rows: list[dict], params: Params, spread: dict | None = None) -> str:
+def _regime_block(rows: list[dict], params: Params, spread: dict | None, values: dict) -> list[str]:
+    """The regime table (measured beside reported), then, where the seeds carry role metrics
+    (the synthetic world), the per-method table of where they land."""
+    stats = spread.get("regime", {}) if spread else {k: (v, None) for k, v in values.items()}
+    lines = ["## Regime: this run beside PASCAL VOC 2012", "",
+             "How hard the task is here: the classifier, the upper bound and the CAM ratios next to the "
+             f"published ones (seed and pseudo-mask on `{params.seed_split}`, upper bound on `{params.val_split}`"
+             f"{'; mean ± std over seeds' if spread else ''}).", "",
+             "| quantity | measured here | PASCAL VOC 2012 |", "|---|---|---|"]
+    for key, label, kind, reported in REGIME:
+        lines.append(f"| {label} | {_cell(kind, *stats.get(key, (None, None)))} | {reported} |")
+    methods = [r for r in rows if not r["method"].startswith("upper")]
+    if not any(r.get(k) is not None for r in methods for k in ROLE_KEYS):
+        return lines
+    lines += ["", f"Where the seeds land at threshold {params.threshold} (synthetic world: its role maps mark "
+              "each object's discriminative part and its body):", "",
+              "| method | " + " | ".join(ROLE_HEADERS) + " |", "|---|" + "---|" * len(ROLE_KEYS)]
+    for r in methods:
+        if spread:
+            st = spread["methods"].get(r["method"], {})
+            cells = [_cell("ratio" if k == "part_body" else "pct", *st.get(k, (None, None))) for k in ROLE_KEYS]
+        else:
+            cells = [_cell("ratio" if k == "part_body" else "pct", r.get(k)) for k in ROLE_KEYS]
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    lines += ["", "Part / body recall: % of the ground truth's part / body pixels that the seed labels with "
+              "their class. Co-occurrence FP: in images holding two partner classes (person + horse, chair + "
+              "diningtable, ...), % of one partner's pixels labelled as the other (pooled over both orders). "
+              "Context FP: in images whose background is the correlated context of one of their classes "
+              "(sky for boats, ...), % of background pixels labelled as any class. Void counts nowhere."]
+    return lines
+
+
+def markdown(rows: list[dict], params: Params, spread: dict | None = None, regime: dict | None = None) -> str:
     world = "synthetic VOC world" if params.dataset == "synth" else "PASCAL VOC 2012"
     which = (f"mean ± population std over random seeds {spread['seeds']}" if spread
              else f"random seed {params.seed}")
@@ -111,8 +190,9 @@ def markdown(rows: list[dict], params: Params, spread: dict | None = None) -> st
     lines += _spread_table(spread) if spread else _single_table(rows)
     lines += ["", f"The oracle column is the best seed mIoU over threshold_sweep {list(params.threshold_sweep)}, "
               "picked on the scored images themselves: an upper bound on what tuning the threshold per "
-              "method could give, not a fair score.",
-              "", "## Reported on PASCAL VOC 2012 (not measured here)", "",
+              "method could give, not a fair score.", ""]
+    lines += _regime_block(rows, params, spread, regime or {})
+    lines += ["", "## Reported on PASCAL VOC 2012 (not measured here)", "",
               "| method | seed | pseudo-mask | segmentation (val) | note |", "|---|---|---|---|---|"]
     for r in REPORTED:
         lines.append(f"| {r['method']} (reported) | {_fmt(r['seed'], False)} | {_fmt(r['mask'], False)} | "
@@ -124,7 +204,7 @@ def markdown(rows: list[dict], params: Params, spread: dict | None = None) -> st
 
 def spread_rows(spread: dict) -> list[dict]:
     """Rows (as :func:`collect` returns them) holding the means of a spread."""
-    return [{"method": m, **{k: st[k][0] if k in st else None for k in SPREAD_KEYS}}
+    return [{"method": m, **{k: st[k][0] if k in st else None for k in SPREAD_KEYS + ROLE_KEYS}}
             for m, st in spread["methods"].items()]
 
 
@@ -164,10 +244,14 @@ def params_fingerprint(params: Params) -> str:
 
 def run(params: Params, spread: dict | None = None, until: str = "seg") -> dict:
     rows = collect(list(params.methods)) if not spread else spread_rows(spread)
-    text = markdown(rows, params, spread)
+    if spread:
+        regime = {k: mean for k, (mean, _) in spread.get("regime", {}).items()}
+    else:
+        regime = regime_values(rows, _read("train_cls.json").get("val_map"))
+    text = markdown(rows, params, spread, regime)
     write_text(out_dir("report.md"), text)
     bar_chart(rows, out_dir("report.png"), spread)
-    result = {"rows": rows, "params_fingerprint": params_fingerprint(params), "until": until,
+    result = {"rows": rows, "regime": regime, "params_fingerprint": params_fingerprint(params), "until": until,
               **({"spread": spread} if spread else {})}
     write_json(out_dir("metrics", "report.json"), result)
     with step_run("report", params) as tracker:
@@ -178,18 +262,30 @@ def run(params: Params, spread: dict | None = None, until: str = "seg") -> dict:
         for r in rows:
             name = r["method"].split(" ")[0]
             tracker.log_metrics({f"{name}.{k}_miou": r[k] for k in SPREAD_KEYS if r.get(k) is not None})
+            tracker.log_metrics({f"{name}.{k}": r[k] for k in ROLE_KEYS if r.get(k) is not None})
+        tracker.log_metrics({f"regime.{k}": v for k, v in regime.items() if v is not None})
     print(text)
     summary("report", f"{len(rows)} rows -> {out_dir('report.md')}")
     return result
 
 
-def aggregate(per_seed: dict[int, list[dict]]) -> dict:
-    """mean ± std (population std over seeds) of each method's three mIoUs."""
+def aggregate(per_seed: dict[int, list[dict]], regimes: dict[int, dict] | None = None) -> dict:
+    """mean ± std (population std over seeds) of each method's mIoUs and role metrics and, given
+    each seed's report.json ``regime``, of the regime block (over the seeds that measured it)."""
+    def stats(values: list[float]) -> tuple[float, float]:
+        return float(np.mean(values)), float(np.std(values))
+
     methods: dict[str, dict[str, list[float]]] = {}
     for rows in per_seed.values():
         for r in rows:
-            for k in SPREAD_KEYS:
+            for k in SPREAD_KEYS + ROLE_KEYS:
                 if r.get(k) is not None:
                     methods.setdefault(r["method"], {}).setdefault(k, []).append(r[k])
+    regime: dict[str, list[float]] = {}
+    for values in (regimes or {}).values():
+        for k, v in values.items():
+            if v is not None:
+                regime.setdefault(k, []).append(v)
     return {"seeds": sorted(per_seed),
-            "methods": {m: {k: (float(np.mean(v)), float(np.std(v))) for k, v in d.items()} for m, d in methods.items()}}
+            "methods": {m: {k: stats(v) for k, v in d.items()} for m, d in methods.items()},
+            "regime": {k: stats(v) for k, v in regime.items()}}

@@ -38,7 +38,8 @@ from .common import open_split, out_dir, summary
 
 GT = "gt"
 TRAINING_KEYS = ("seed", "dataset", "data_dir", "subset", "seg_backbone", "output_stride", "pretrained",
-                 "seg_epochs", "seg_batch_size", "seg_lr", "seg_crop", "cls_weight_decay", "max_steps")
+                 "seg_decoder", "seg_epochs", "seg_batch_size", "seg_lr", "seg_crop", "cls_weight_decay",
+                 "max_steps")
 #: Validation images scored after every epoch (the full score is eval-seg's job).
 VAL_QUICK = 100
 
