@@ -51,6 +51,16 @@ app.add_typer(bench_app, name="bench")
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="params file")
 
 
+def _clear_progress_bars() -> None:
+    """Erase the progress bars a failing step left open, so that its error starts a clean line
+    (an open bar is otherwise finished, or erased, only after the message is printed)."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.leave = False
+        bar.close()
+
+
 def friendly(fn):
     """Turn UserError into one line on stderr and exit status 2 (no traceback)."""
 
@@ -59,9 +69,11 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
+            _clear_progress_bars()
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(UserError.exit_code)
         except KeyboardInterrupt:
+            _clear_progress_bars()
             typer.echo("interrupted", err=True)
             raise typer.Exit(130)
 

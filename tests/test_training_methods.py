@@ -56,8 +56,8 @@ def params(world, tmp_path, monkeypatch) -> Params:
                   cam_scales=[1.0], cam_flip=False)
 
 
-def write_cls_checkpoint(params: Params, root: Path) -> Path:
-    torch.manual_seed(0)
+def write_cls_checkpoint(params: Params, root: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
     model = build_classifier(params)
     path = root / "outputs" / "checkpoints" / "cls.pt"
     save_torch(path, {"spec": model.spec(), "model": model.state_dict(), "steps": 0, "fingerprint": "test"})
@@ -301,21 +301,47 @@ def test_train_recam_bad_mask_source(params, tmp_path):
         train_recam.run(params, "scorecam")
 
 
-def test_train_puzzle_run(params, tmp_path):
+def test_train_puzzle_run(params, tmp_path, monkeypatch):
+    from wsss import trainer
+
     with pytest.raises(UserError, match="puzzle_init"):  # starts from cls.pt by default
         train_puzzle.run(params)
-    write_cls_checkpoint(params, tmp_path)
+    starts = []  # (weights, new heads, fingerprinted keys) as each training begins
+    real_loop = trainer.train_loop
+
+    def spy(spec, model, *args, **kwargs):
+        starts.append(({k: v.clone() for k, v in model.state_dict().items()}, kwargs.get("new_prefixes"),
+                       dict(spec.fingerprint_keys)))
+        return real_loop(spec, model, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_loop", spy)
+    # cls.pt from another torch seed than the run's (params.seed 0): a fresh init differs from it
+    cls_path = write_cls_checkpoint(params, tmp_path, seed=1)
+    cls_state = torch.load(cls_path, weights_only=True)["model"]
     metrics = train_puzzle.run(params)
     assert metrics["steps"] == 2 and math.isfinite(metrics["loss_re"])
     assert read_metrics(tmp_path, "puzzlecam")["steps"] == 2
     model, ckpt = load_classifier(tmp_path / "outputs" / "checkpoints" / "puzzlecam.pt")
     assert model.recam_predictor is None
-    # from scratch: no cls.pt needed, and a different start gives other weights
+    # puzzle_init: cls starts at cls.pt's trunk and classifier exactly (BN statistics too), trains
+    # them all at puzzle_lr (no 10x head), and cls.pt's fingerprint is part of the run's
+    start, heads, keys = starts[-1]
+    assert set(start) == set(cls_state)
+    for name, value in cls_state.items():
+        assert torch.equal(start[name], value), name
+    assert heads == () and keys["init"] == "test" and keys["puzzle_init"] == "cls"
+    assert ckpt["fingerprint"] == trainer.fingerprint(keys)
+    # from scratch: no cls.pt needed; the start is the fresh init of the run's seed, with the
+    # classifier a new head at 10x, and no cls.pt fingerprint in the run's
     (tmp_path / "outputs" / "checkpoints" / "cls.pt").unlink()
     train_puzzle.run(dataclasses.replace(params, puzzle_init="pretrained"))
-    scratch, ckpt2 = load_classifier(tmp_path / "outputs" / "checkpoints" / "puzzlecam.pt")
-    assert ckpt2["fingerprint"] != ckpt["fingerprint"]
-    assert not torch.equal(scratch.classifier.weight, model.classifier.weight)
+    start, heads, keys = starts[-1]
+    torch.manual_seed(params.seed)
+    fresh = build_classifier(params).state_dict()
+    assert torch.equal(start["classifier.weight"], fresh["classifier.weight"])
+    assert torch.equal(start["backbone.stem.0.weight"], fresh["backbone.stem.0.weight"])
+    assert not torch.equal(start["classifier.weight"], cls_state["classifier.weight"])
+    assert heads == ("classifier",) and "init" not in keys and keys["puzzle_init"] == "pretrained"
 
 
 def test_start_from_classifier_copies_trunk_and_head(params, tmp_path):

@@ -20,8 +20,8 @@ from .io import atomic_path
 def seed_panel(params: Params, methods: list[str], n_images: int = 6, start: int = 0) -> np.ndarray:
     """The panel (uint8 HxWx3) for ids ``start .. start+n_images`` of ``seed_split``."""
     from .overlays import cam_heatmap, colorize, panel
-    from .steps.common import open_split, out_dir
-    from .steps.eval_seeds import read_seed, seed_to_label
+    from .steps.common import open_split, out_dir, read_seed
+    from .steps.eval_seeds import seed_to_label
 
     if not methods:
         raise UserError("--methods: name at least one method, e.g. cam,recam-scorecam")

@@ -58,7 +58,16 @@ def load_backbone_weights(net: nn.Module, arch: str, pretrained: str) -> None:
             raise UserError(f"{path}: not a readable torch state dict; re-download it") from None
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+            raise UserError(f"{path}: not a torchvision {arch} state dict (parameter name -> tensor); "
+                            f"fix key 'pretrained' in params.yaml")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    own = net.state_dict()
+    wrong = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if wrong:  # load_state_dict raises on these even with strict=False
+        k = wrong[0]
+        raise UserError(f"{pretrained}: does not match torchvision {arch} ({k} has shape {list(state[k].shape)}, "
+                        f"{arch} needs {list(own[k].shape)}); use weights for {arch}")
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:

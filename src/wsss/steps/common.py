@@ -45,3 +45,32 @@ def open_split(params: Params, split: str, validate: bool = True):
 def summary(step: str, text: str) -> None:
     """The one-line summary every step ends with."""
     print(f"[{step}] {text}", flush=True)
+
+
+def read_seed(path: Path, method: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Read and check one seed file, the one reader of every step (eval-seeds, crf, compare);
+    returns (keys int64 (n,): class indices 0..19, cams float32 (n, H, W) clipped to [0, 1])."""
+    import numpy as np
+
+    from ..io import load_npz
+    from ..voc import CLASSES
+
+    rerun = f"re-run `python cli.py seeds --method {method}`"
+    if not path.is_file():
+        raise UserError(f"{path}: seed file missing; run `python cli.py seeds --method {method}` first")
+    try:
+        z = load_npz(path)
+    except Exception as e:
+        raise UserError(f"{path}: unreadable seed file ({type(e).__name__}); {rerun}") from None
+    if "keys" not in z or "cams" not in z:
+        raise UserError(f"{path}: needs arrays 'keys' and 'cams' (has {', '.join(z) or 'none'}); {rerun}")
+    keys = z["keys"].astype(np.int64).reshape(-1)
+    cams = z["cams"].astype(np.float32)
+    if keys.size == 0:
+        return keys, np.zeros((0,) + shape, np.float32)
+    if keys.min() < 0 or keys.max() >= len(CLASSES):
+        raise UserError(f"{path}: 'keys' must be class indices 0..{len(CLASSES) - 1} (got {keys.tolist()}); {rerun}")
+    if cams.shape != (keys.size,) + tuple(shape):
+        raise UserError(f"{path}: 'cams' has shape {cams.shape}, expected {(keys.size,) + tuple(shape)} "
+                        f"(one map per key at image size); {rerun}")
+    return keys, np.clip(np.nan_to_num(cams), 0.0, 1.0)

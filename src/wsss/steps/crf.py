@@ -24,11 +24,11 @@ from tqdm import tqdm
 from ..config import Params
 from ..crf import seeds_to_pseudo_mask
 from ..errors import UserError
-from ..io import atomic_dir, load_npz, save_label_png, write_json
+from ..io import atomic_dir, save_label_png, write_json
 from ..metrics import ConfusionMatrix
 from ..tracking import step_run
 from ..voc import CLASSES, PALETTE, VOID, VOCDataset
-from .common import open_split, out_dir, summary
+from .common import open_split, out_dir, read_seed, summary
 
 LABEL_NAMES = ["background"] + list(CLASSES)
 N_SAMPLES = 4  # overlays logged to MLflow
@@ -49,29 +49,6 @@ def seed_path(method: str, image_id: str) -> Path:
     return out_dir("seeds", method, f"{image_id}.npz")
 
 
-def load_seed(path: Path, method: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Read and check one seed file; returns (keys int64 (n,), cams float32 (n, H, W))."""
-    rerun = f"re-run `python cli.py seeds --method {method}`"
-    if not path.is_file():
-        raise UserError(f"{path}: seed file missing; run `python cli.py seeds --method {method}` first")
-    try:
-        z = load_npz(path)
-    except Exception as e:
-        raise UserError(f"{path}: unreadable seed file ({type(e).__name__}); {rerun}") from None
-    if "keys" not in z or "cams" not in z:
-        raise UserError(f"{path}: needs arrays 'keys' and 'cams' (has {', '.join(z) or 'none'}); {rerun}")
-    keys = z["keys"].astype(np.int64).reshape(-1)
-    cams = z["cams"].astype(np.float32)
-    if keys.size == 0:
-        return keys, np.zeros((0,) + shape, np.float32)
-    if keys.min() < 0 or keys.max() >= len(CLASSES):
-        raise UserError(f"{path}: 'keys' must be class indices 0..{len(CLASSES) - 1} (got {keys.tolist()}); {rerun}")
-    if cams.shape != (keys.size,) + tuple(shape):
-        raise UserError(f"{path}: 'cams' has shape {cams.shape}, expected {(keys.size,) + tuple(shape)} "
-                        f"(one map per key at image size); {rerun}")
-    return keys, np.clip(np.nan_to_num(cams), 0.0, 1.0)
-
-
 # --------------------------------------------------------------------- pool workers
 _CTX: dict = {}
 
@@ -84,7 +61,7 @@ def _pseudo_mask_job(image_id: str) -> dict:
     """Make, save and score the pseudo-mask of one id (runs in a worker)."""
     voc: VOCDataset = _CTX["voc"]
     image = voc.image(image_id)
-    keys, cams = load_seed(seed_path(_CTX["method"], image_id), _CTX["method"], image.shape[:2])
+    keys, cams = read_seed(seed_path(_CTX["method"], image_id), _CTX["method"], image.shape[:2])
     mask = seeds_to_pseudo_mask(image, keys, cams, _CTX["params"])
     save_label_png(_CTX["dest"] / f"{image_id}.png", mask, PALETTE)
     out = {"id": image_id, "labelled": int((mask != VOID).sum()), "pixels": int(mask.size)}
@@ -117,7 +94,7 @@ def _samples(voc: VOCDataset, ids: list[str], method: str, mask_dir: Path) -> np
     rows = []
     for image_id in ids:
         image = voc.image(image_id)
-        keys, cams = load_seed(seed_path(method, image_id), method, image.shape[:2])
+        keys, cams = read_seed(seed_path(method, image_id), method, image.shape[:2])
         cam = cams.max(0) if keys.size else np.zeros(image.shape[:2], np.float32)
         pseudo = np.asarray(Image.open(mask_dir / f"{image_id}.png"))
         row = [image, cam_heatmap(image, cam), overlay(image, pseudo)]

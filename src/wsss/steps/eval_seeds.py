@@ -20,11 +20,11 @@ from tqdm import tqdm
 from .. import regime
 from ..config import Params, seed_everything
 from ..errors import UserError
-from ..io import load_npz, write_json, write_text
+from ..io import write_json, write_text
 from ..metrics import ConfusionMatrix
 from ..synth import CONTEXTS_FILE, ROLE_DIR
 from ..tracking import step_run
-from .common import open_split, out_dir, summary
+from .common import open_split, out_dir, read_seed, summary
 
 
 def seed_to_label(keys: np.ndarray, cams: np.ndarray, threshold: float, shape: tuple[int, int]) -> np.ndarray:
@@ -34,21 +34,6 @@ def seed_to_label(keys: np.ndarray, cams: np.ndarray, threshold: float, shape: t
     scores = np.concatenate([np.full((1, *cams.shape[1:]), threshold, np.float32), cams], axis=0)
     labels = np.concatenate([[0], keys + 1]).astype(np.uint8)
     return labels[np.argmax(scores, axis=0)]
-
-
-def read_seed(path: Path, method: str, shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(keys, cams) of one seed file; ``shape`` (H, W): the image size its maps must have."""
-    if not path.is_file():
-        raise UserError(f"{path}: seed missing; run `python cli.py seeds --method {method}` first")
-    try:
-        z = load_npz(path)
-        keys, cams = z["keys"], z["cams"]
-    except Exception:
-        raise UserError(f"{path}: unreadable seed file; delete it and re-run `python cli.py seeds --method {method}`") from None
-    if shape is not None and cams.shape[1:] != tuple(shape):
-        raise UserError(f"{path}: map size {cams.shape[1:]} != image {tuple(shape)}; "
-                        f"re-run `python cli.py seeds --method {method}`")
-    return keys, cams
 
 
 def open_roles(root: Path) -> dict[str, bool] | None:

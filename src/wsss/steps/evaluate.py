@@ -44,6 +44,10 @@ def score_folders(pred_dir: Path, gt_dir: Path, num_classes: int = 21) -> dict:
         bad = (gt != 255) & (gt >= num_classes)
         if bad.any():
             raise UserError(f"{g}: label {int(gt[bad][0])} outside 0..{num_classes - 1} and 255; fix the ground truth")
+        bad = (pred != 255) & (pred >= num_classes)
+        if bad.any():
+            raise UserError(f"{p}: label {int(pred[bad][0])} outside 0..{num_classes - 1} and 255; "
+                            f"save class indices (255 = no prediction), not colours")
         cm.update(pred, gt)
     names = ["background", *CLASSES] if num_classes == 21 else None
     scores = cm.scores(names)
