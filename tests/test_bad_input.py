@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import isolate_outputs
 import torch
 import yaml
 from PIL import Image
@@ -55,10 +56,7 @@ def root(tmp_path_factory) -> Path:
 @pytest.fixture()
 def world(root, monkeypatch) -> Path:
     """The tree at <root>/data/VOC2012, an empty outputs/, params.yaml with ``threads: 1``."""
-    monkeypatch.setenv("DVC_ROOT", str(root))
-    monkeypatch.setenv("WSSS_TRACKING", "0")
-    monkeypatch.delenv("WSSS_OUTPUTS", raising=False)
-    monkeypatch.delenv("DVC_STAGE", raising=False)
+    isolate_outputs(monkeypatch, root)
     shutil.rmtree(root / "outputs", ignore_errors=True)
     write_params(root)
     return root

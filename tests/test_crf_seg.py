@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import isolate_outputs
 import torch
 from PIL import Image
 
@@ -208,9 +209,7 @@ def _handmade_world(root: Path, n_train: int, n_val: int, size: int) -> None:
 
 @pytest.fixture
 def world(tmp_path, monkeypatch):
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    monkeypatch.setenv("WSSS_TRACKING", "0")
-    monkeypatch.delenv("WSSS_OUTPUTS", raising=False)
+    isolate_outputs(monkeypatch, tmp_path)
     root = tmp_path / "data" / "VOC2012"
     params = Params(data_dir=str(root), synth_n_train=6, synth_n_val=3, synth_size=64,
                     seg_epochs=1, seg_batch_size=3, seg_crop=32, num_workers=1, crf_iters=5)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import isolate_outputs
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -34,12 +35,8 @@ from wsss.voc import PALETTE
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is as fast and does not stall a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test here runs on one thread (conftest.one_thread)."""
 
 
 # ---------------------------------------------------------------------------- shared helpers
@@ -59,10 +56,7 @@ def tiny_voc(root: Path, masks: dict[str, dict[str, np.ndarray]]) -> Path:
 @pytest.fixture()
 def workspace(tmp_path, monkeypatch) -> Path:
     """Outputs under tmp_path, MLflow off."""
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    monkeypatch.setenv("WSSS_TRACKING", "0")
-    monkeypatch.delenv("WSSS_OUTPUTS", raising=False)
-    monkeypatch.delenv("DVC_STAGE", raising=False)
+    isolate_outputs(monkeypatch, tmp_path)
     return tmp_path
 
 

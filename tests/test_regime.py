@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import isolate_outputs
 
 from wsss import regime
 from wsss.config import Params
@@ -107,9 +108,7 @@ def test_shape_mismatch_is_an_error():
 def world(tmp_path, monkeypatch):
     from wsss.synth import generate
 
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    monkeypatch.setenv("WSSS_TRACKING", "0")
-    monkeypatch.delenv("WSSS_OUTPUTS", raising=False)
+    isolate_outputs(monkeypatch, tmp_path)
     root = tmp_path / "data" / "VOC2012"
     params = Params(data_dir=str(root), synth_n_train=6, synth_n_val=2, synth_n_extra=0, synth_size=48,
                     threshold_sweep=[0.3])

@@ -29,12 +29,8 @@ from wsss.steps import train_puzzle, train_recam, train_sipe  # noqa: E402
 
 # ---------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is as fast and does not stall when the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test here runs on one thread (conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")
