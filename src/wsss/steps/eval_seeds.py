@@ -77,13 +77,14 @@ def run(params: Params, method: str) -> dict:
     for id_ in tqdm(voc.ids, desc=f"eval-seeds {method}", dynamic_ncols=True, leave=False):
         gt = voc.mask(id_)
         keys, cams = read_seed(seed_dir / f"{id_}.npz", method, gt.shape)
+        labels = {t: seed_to_label(keys, cams, t, gt.shape) for t in thresholds}
         for t in thresholds:
-            cms[t].update(seed_to_label(keys, cams, t, gt.shape), gt)
+            cms[t].update(labels[t], gt)
         if contexts is not None:
             if id_ not in contexts:
                 raise UserError(f"{voc.root / CONTEXTS_FILE}: no entry for {id_}; regenerate with "
                                 f"`python cli.py data synth`")
-            counts += regime.image_counts(seed_to_label(keys, cams, params.threshold, gt.shape), gt,
+            counts += regime.image_counts(labels[params.threshold], gt,
                                           read_roles(voc.root, id_, gt.shape), regime.partner_pairs(np.unique(gt)),
                                           contexts[id_])
         if len(samples) < 4:

@@ -94,21 +94,12 @@ def regime_values(rows: list[dict], val_map: float | None) -> dict:
             "seed_over_upper": _ratio(seed, upper), "mask_over_seed": _ratio(mask, seed)}
 
 
-def _fmt(v, pct=True) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    return f"{100 * v:.1f}" if pct else f"{v:.1f}"
-
-
-def _fmt_spread(mean, std) -> str:
-    return "-" if mean is None else f"{100 * mean:.1f} ± {100 * std:.1f}"
-
-
 def _cell(kind: str, value, std=None) -> str:
-    """``value`` (± ``std`` when given) as a fraction (frac), in % (pct) or as a ratio."""
+    """``value`` (± ``std`` when given) as a fraction (frac), a fraction in % (pct), a number
+    already in points (points) or a ratio; "-" when missing."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    scale, digits = {"frac": (1, 3), "pct": (100, 1), "ratio": (1, 2)}[kind]
+    scale, digits = {"frac": (1, 3), "pct": (100, 1), "points": (1, 1), "ratio": (1, 2)}[kind]
     text = f"{scale * value:.{digits}f}"
     return text if std is None else f"{text} ± {scale * std:.{digits}f}"
 
@@ -128,8 +119,8 @@ def _single_table(rows: list[dict]) -> list[str]:
     for r in rows:
         cells = [r["method"]]
         for k, _ in STAGES:
-            cells += [_fmt(r[k]), _delta(r["method"], r[k], base.get(k))]
-        cells.append(_fmt(r.get(ORACLE)))
+            cells += [_cell("pct", r[k]), _delta(r["method"], r[k], base.get(k))]
+        cells.append(_cell("pct", r.get(ORACLE)))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -141,7 +132,7 @@ def _spread_table(spread: dict) -> list[str]:
              "|---|---|---|---|---|---|"]
     for m, st in spread["methods"].items():
         deltas = [_delta(m, st.get(k, (None,))[0], cam.get(k, (None,))[0]) for k, _ in STAGES]
-        lines.append(f"| {m} | " + " | ".join(_fmt_spread(*st.get(k, (None, None))) for k in SPREAD_KEYS)
+        lines.append(f"| {m} | " + " | ".join(_cell("pct", *st.get(k, (None, None))) for k in SPREAD_KEYS)
                      + " | " + " / ".join(deltas) + " |")
     return lines
 
@@ -195,8 +186,8 @@ def markdown(rows: list[dict], params: Params, spread: dict | None = None, regim
     lines += ["", "## Reported on PASCAL VOC 2012 (not measured here)", "",
               "| method | seed | pseudo-mask | segmentation (val) | note |", "|---|---|---|---|---|"]
     for r in REPORTED:
-        lines.append(f"| {r['method']} (reported) | {_fmt(r['seed'], False)} | {_fmt(r['mask'], False)} | "
-                     f"{_fmt(r['seg'], False)} | {r['note']} |")
+        lines.append(f"| {r['method']} (reported) | {_cell('points', r['seed'])} | {_cell('points', r['mask'])} | "
+                     f"{_cell('points', r['seg'])} | {r['note']} |")
     lines += ["", "Reported figures come from ../shared/SEEDS.md; the synthetic world is not VOC, so "
               "compare the ordering of methods and the deltas, not the absolute values."]
     return "\n".join(lines) + "\n"
