@@ -120,6 +120,24 @@ def test_parts_are_small_and_discriminative():
     assert sorted(groups.count(g) for g in set(groups)) == [5, 5, 5, 5]
 
 
+def test_part_size_sets_the_disc_diameter():
+    # same world seed: the bodies are the same, only the discs shrink. Each part is a disc of
+    # radius max(5, synth_part_size * half the body's shorter side), so going from 0.45 to 0.3
+    # scales a radius r by 2/3, floored at 5 px (equivalent radius sqrt(area / pi))
+    big, small_ = Params(synth_n_train=30), Params(synth_n_train=30, synth_part_size=0.3)
+    errors = []
+    for i in range(30):
+        a, b = synth.render(big, i), synth.render(small_, i)
+        for oa, ob in zip(a.objects, b.objects):
+            assert (oa.shape == ob.shape).all()
+            r_big, r_small = np.sqrt(oa.part.sum() / np.pi), np.sqrt(ob.part.sum() / np.pi)
+            if r_big >= 6.0:  # a full disc (not squeezed into a thin body)
+                errors.append(r_small - max(5.0, r_big * 0.3 / 0.45))
+    assert len(errors) >= 20
+    assert abs(float(np.median(errors))) < 0.5
+    assert np.mean(np.abs(errors) < 1.0) > 0.8
+
+
 def test_body_tint_moves_group_colour_to_class_hue():
     import colorsys
 

@@ -59,6 +59,7 @@ class Params:
     synth_max_objects: int = 3
     synth_extent: list[float] = field(default_factory=lambda: [0.25, 0.6])  # body's longer side / image side
     synth_body_tint: float = 0.7  # how far each body's colour leans to its class's own hue (0 = group colour)
+    synth_part_size: float = 0.45  # part disc diameter / body's shorter side (at least 10 px across)
     synth_cooccur: float = 0.5
     synth_context: float = 0.7
     synth_occlusion: float = 0.3
@@ -177,6 +178,8 @@ class Params:
                 raise bad(k, f"must be >= 0 (got {getattr(self, k)!r})")
         if (len(self.synth_extent) != 2 or not 0 < self.synth_extent[0] <= self.synth_extent[1] <= 1.5):
             raise bad("synth_extent", f"must be [min, max] with 0 < min <= max <= 1.5 (got {self.synth_extent!r})")
+        if not 0 < self.synth_part_size <= 1:
+            raise bad("synth_part_size", f"must be in (0, 1] (got {self.synth_part_size!r})")
         unit("synth_body_tint", "synth_cooccur", "synth_context", "synth_occlusion", "threshold", "conf_fg", "conf_bg")
         if self.conf_bg > self.conf_fg:
             raise bad("conf_bg", f"must be <= conf_fg ({self.conf_bg} > {self.conf_fg})")

@@ -383,7 +383,7 @@ def render(p: Params, index: int) -> Sample:
         shape, u, v, w, h = placed
         body_img = _body_texture(rng, cls, p.synth_body_tint, size, u, v)
         # a part must stay legible: at least one period of its stripes/checkers across
-        radius = max(5.0, 0.45 * min(w, h))
+        radius = max(5.0, p.synth_part_size * min(w, h))  # w, h are half sides
         part, part_img = _draw_part(rng, cls, shape, size, radius, margin=1.0 + p.synth_void_width / 2)
         canvas[shape] = body_img[shape]
         canvas[part] = part_img[part]
@@ -453,7 +453,7 @@ def _annotation_xml(image_id: str, sample: Sample) -> str:
 
 
 _PARAM_KEYS = ("synth_seed", "synth_n_train", "synth_n_val", "synth_n_extra", "synth_size", "synth_max_objects",
-               "synth_extent", "synth_body_tint", "synth_cooccur", "synth_context", "synth_occlusion",
+               "synth_extent", "synth_body_tint", "synth_part_size", "synth_cooccur", "synth_context", "synth_occlusion",
                "synth_void_width")
 
 
