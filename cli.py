@@ -304,13 +304,16 @@ def evaluate(pred: Path = typer.Option(..., help="folder of predicted label PNGs
 @app.command("ui")
 @friendly
 def ui(port: int = typer.Option(5000), host: str = typer.Option("127.0.0.1")):
-    """Start the MLflow UI on the project's tracking store."""
+    """Start the MLflow UI on the project's tracking store; prints the link to the runs,
+    grouped per pipeline with the key metrics as columns."""
     import subprocess
 
     from wsss.paths import artifact_root, tracking_uri
+    from wsss.tracking import ensure_experiment, ui_url
 
     uri = tracking_uri()
-    typer.echo(f"MLflow UI on http://{host}:{port} (store {uri})")
+    link = ui_url(host, port, ensure_experiment())
+    typer.echo(f"MLflow UI on http://{host}:{port} (store {uri})\nRuns of experiment wsss, per pipeline: {link}")
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     cmd = [str(mlflow_bin) if mlflow_bin.exists() else "mlflow", "ui", "--backend-store-uri", uri,
            "--default-artifact-root", artifact_root(), "--host", host, "--port", str(port)]
