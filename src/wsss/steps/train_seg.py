@@ -38,7 +38,7 @@ from .common import open_split, out_dir, summary
 
 GT = "gt"
 TRAINING_KEYS = ("seed", "dataset", "data_dir", "subset", "seg_backbone", "output_stride", "pretrained",
-                 "seg_decoder", "seg_epochs", "seg_batch_size", "seg_lr", "seg_crop", "cls_weight_decay",
+                 "seg_decoder", "seg_epochs", "seg_batch_size", "seg_lr", "seg_crop", "seg_weight_decay",
                  "max_steps")
 #: Validation images scored after every epoch (the full score is eval-seg's job).
 VAL_QUICK = 100
@@ -129,7 +129,7 @@ def run(params: Params, method: str) -> dict:
     if params.seg_init == "cls":
         keys["init"] = init_from_classifier(model, params)
     spec = LoopSpec(f"seg-{method}", params.seg_epochs, params.seg_lr, params.seg_batch_size,
-                    params.cls_weight_decay, params.max_steps, keys)
+                    params.seg_weight_decay, params.max_steps, keys)
 
     val_epochs = validation_epochs(params, len(data))
 
