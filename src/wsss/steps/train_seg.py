@@ -33,7 +33,7 @@ from ..metrics import ConfusionMatrix
 from ..models.deeplab import build_deeplab
 from ..tracking import step_run
 from ..trainer import LoopSpec, planned_schedule, train_loop
-from ..voc import VOID
+from ..voc import NUM_LABELS, VOID
 from .common import open_split, out_dir, summary
 
 GT = "gt"
@@ -68,7 +68,7 @@ def quick_val_miou(model, voc, device, limit: int = VAL_QUICK, batch_size: int =
     if not ids:
         return {}
     model.eval()
-    cm = ConfusionMatrix(21)
+    cm = ConfusionMatrix(NUM_LABELS)
     by_shape: dict[tuple, list[str]] = {}
     for i in ids:
         by_shape.setdefault(voc.image_size(i), []).append(i)
