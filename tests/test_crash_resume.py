@@ -217,6 +217,50 @@ def test_resume_restores_the_random_state_that_dropout_draws_from(tmp_path):
         assert torch.equal(p, dict(resumed.named_parameters())[name]), name
 
 
+def test_a_write_removes_the_temporaries_a_dead_writer_left(tmp_path):
+    """A killed writer leaves .<name>.tmp-<pid>-*; the next write of <name> removes those of
+    dead processes (files and folders), keeps those of live ones and other names' ones."""
+    from wsss.io import write_json
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale_file = tmp_path / f".m.json.tmp-{dead.pid}-abc.json"
+    stale_dir = tmp_path / f".m.json.tmp-{dead.pid}-def"
+    live = tmp_path / f".m.json.tmp-{os.getpid()}-ghi.json"
+    other = tmp_path / f".n.json.tmp-{dead.pid}-jkl.json"
+    for p in (stale_file, live, other):
+        p.write_text("{")
+    stale_dir.mkdir()
+    (stale_dir / "x.png").write_bytes(b"")
+    write_json(tmp_path / "m.json", {"a": 1})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"a": 1}
+    assert not stale_file.exists() and not stale_dir.exists()
+    assert live.exists() and other.exists()
+
+
+def test_an_unreadable_resume_file_is_a_fresh_start(tmp_path, capsys):
+    """A truncated resume file (killed while written by an older version) is reported in one
+    line and training starts over, instead of a traceback."""
+    from torch.utils.data import TensorDataset
+
+    from wsss.trainer import LoopSpec, train_loop
+
+    spec = LoopSpec("toy", epochs=1, lr=0.05, batch_size=2, weight_decay=0.0, max_steps=0, fingerprint_keys={})
+    data = TensorDataset(torch.randn(4, 3), torch.randn(4, 2))
+    (tmp_path / "toy.resume.pt").write_bytes(b"PK\x03\x04 truncated")
+    seen = []
+
+    def step(m, batch, i):
+        seen.append(i)
+        loss = F.mse_loss(m(batch[0]), batch[1])
+        return loss, {"loss": loss.item()}
+
+    logs = train_loop(spec, _DropoutToy(), data, step, tmp_path, torch.device("cpu"), _NoTracker(), rng_seed=0)
+    assert seen == [0, 1] and logs["steps"] == 2
+    assert "toy.resume.pt: not a readable resume checkpoint" in capsys.readouterr().out
+    assert not (tmp_path / "toy.resume.pt").exists() and (tmp_path / "toy.pt").exists()
+
+
 def test_kill_9_then_dvc_repro_resumes_and_ends_as_an_uninterrupted_run(worlds, monkeypatch):
     killed, reference = worlds
     _reference_run(reference, monkeypatch)
