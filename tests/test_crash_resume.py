@@ -222,19 +222,30 @@ def test_a_write_removes_the_temporaries_a_dead_writer_left(tmp_path):
     dead processes (files and folders), keeps those of live ones and other names' ones."""
     from wsss.io import write_json
 
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead = subprocess.Popen(["true"])
     dead.wait()
+    # a killed writer nobody has reaped yet (in a container whose init never reaps: for good)
+    zombie = subprocess.Popen(["true"])
+    stat = Path(f"/proc/{zombie.pid}/stat")
+    deadline = time.monotonic() + 30
+    while stat.exists() and stat.read_text().rsplit(")", 1)[-1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     stale_file = tmp_path / f".m.json.tmp-{dead.pid}-abc.json"
     stale_dir = tmp_path / f".m.json.tmp-{dead.pid}-def"
+    stale_zombie = tmp_path / f".m.json.tmp-{zombie.pid}-xyz.json"
     live = tmp_path / f".m.json.tmp-{os.getpid()}-ghi.json"
     other = tmp_path / f".n.json.tmp-{dead.pid}-jkl.json"
-    for p in (stale_file, live, other):
+    for p in (stale_file, stale_zombie, live, other):
         p.write_text("{")
     stale_dir.mkdir()
     (stale_dir / "x.png").write_bytes(b"")
-    write_json(tmp_path / "m.json", {"a": 1})
+    try:
+        write_json(tmp_path / "m.json", {"a": 1})
+    finally:
+        zombie.wait()
     assert json.loads((tmp_path / "m.json").read_text()) == {"a": 1}
-    assert not stale_file.exists() and not stale_dir.exists()
+    assert not stale_file.exists() and not stale_dir.exists() and not stale_zombie.exists()
     assert live.exists() and other.exists()
 
 
