@@ -19,7 +19,6 @@ print one line and exit with status 2.
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -275,7 +274,7 @@ def spread(seeds: str = typer.Option("0,1,2", help="comma-separated random seeds
     """Run the whole pipeline once per random seed and report mean ± std (outputs/spread/)."""
     import dataclasses
 
-    from wsss.config import METHOD_CHECKPOINTS
+    from wsss.config import METHOD_CHECKPOINTS, params_source
     from wsss.pipeline import STAGE_ORDER, spread as run_spread
 
     try:
@@ -286,7 +285,8 @@ def spread(seeds: str = typer.Option("0,1,2", help="comma-separated random seeds
         raise UserError(f"--until {until!r}: choose one of {', '.join(STAGE_ORDER)}")
     p = _params(params)
     if methods:
-        p = dataclasses.replace(p, methods={m: METHOD_CHECKPOINTS[m] for m in _method_list(methods)}).validate("--methods")
+        with params_source("--methods"):
+            p = dataclasses.replace(p, methods={m: METHOD_CHECKPOINTS[m] for m in _method_list(methods)})
     run_spread(p, values, until)
 
 

@@ -63,7 +63,7 @@ def world(root, monkeypatch) -> Path:
 
 
 def write_params(root: Path, **overrides) -> Path:
-    params = {"data_dir": "data/VOC2012", "threads": 1, "num_workers": 1, "threshold_sweep": [0.5],
+    params = {"data_dir": "data/VOC2012", "train_split": "train", "threads": 1, "num_workers": 1, "threshold_sweep": [0.5],
               "methods": {"cam": "cls"}, **overrides}
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(params))

@@ -1,5 +1,6 @@
 """params.yaml loading: types, ranges and unknown keys give one clear error naming the key."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,53 @@ def test_repo_params_load_and_cover_every_key():
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     assert set(raw) == set(Params().to_dict()), "params.yaml must spell out every key"
     assert p.threshold == raw["threshold"]
+
+
+def test_defaults_are_params_yaml():
+    """One set of defaults: Params() is exactly what params.yaml says, key by key (so a test
+    that builds Params() runs the configuration the pipeline runs). Whatever params.yaml
+    holds: change a value there and here together."""
+    import yaml
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    defaults = Params().to_dict()
+    differ = {k: (defaults[k], raw[k]) for k in raw if k in defaults and defaults[k] != raw[k]}
+    assert not differ, f"Params() defaults differ from params.yaml (default, yaml): {differ}"
+    # equal values of the same type (a float default 1 would print as 1 in dvc params, not 1.0)
+    for k, v in raw.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            assert type(defaults[k]) is type(float(v) if isinstance(defaults[k], float) else v), k
+    assert load_params(REPO / "params.yaml") == Params()
+
+
+def test_params_are_frozen_and_checked_on_replace():
+    p = Params()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.threshold = 0.5  # type: ignore[misc]
+    for key, bad in [("threshold", 1.5), ("cls_epochs", 0), ("scorecam_score", "softmax"),
+                     ("seg_weight_decay", -1.0), ("cam_flip", "yes"), ("cam_scales", [])]:
+        with pytest.raises(UserError) as e:
+            dataclasses.replace(p, **{key: bad})
+        msg = str(e.value)
+        assert f"'{key}'" in msg and "\n" not in msg
+    with pytest.raises(UserError, match="'threshold'"):
+        Params(threshold=-0.1)
+    q = dataclasses.replace(p, threshold=0)  # an int where a float is declared: stored as float
+    assert q.threshold == 0.0 and isinstance(q.threshold, float)
+
+
+def test_params_share_no_mutable_value_with_the_caller():
+    scales = [1.0, 2.0]
+    p = Params(cam_scales=scales)
+    scales.append(-1.0)  # would bypass the check if Params kept the caller's list
+    assert p.cam_scales == [1.0, 2.0]
+
+
+def test_replace_names_its_source():
+    from wsss.config import params_source
+
+    with params_source("--methods"), pytest.raises(UserError, match=r"^--methods: key 'methods'"):
+        dataclasses.replace(Params(), methods={"nope": "cls"})
 
 
 @pytest.mark.parametrize(

@@ -211,8 +211,8 @@ def _handmade_world(root: Path, n_train: int, n_val: int, size: int) -> None:
 def world(tmp_path, monkeypatch):
     isolate_outputs(monkeypatch, tmp_path)
     root = tmp_path / "data" / "VOC2012"
-    params = Params(data_dir=str(root), synth_n_train=6, synth_n_val=3, synth_size=64,
-                    seg_epochs=1, seg_batch_size=3, seg_crop=32, num_workers=1, crf_iters=5)
+    params = Params(data_dir=str(root), synth_n_train=6, synth_n_val=3, synth_n_extra=0, synth_size=64,
+                    seg_init="pretrained", seg_epochs=1, seg_batch_size=3, seg_crop=32, num_workers=1, crf_iters=5)
     if importlib.util.find_spec("wsss.synth") is not None:
         from wsss.synth import generate
 

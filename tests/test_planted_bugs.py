@@ -118,13 +118,13 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
 
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     full, full_steps = _Toy(0), []
-    train_loop(spec, full, data, make_step(full_steps), full_dir, torch.device("cpu"), _NoTracker(), seed=0)
+    train_loop(spec, full, data, make_step(full_steps), full_dir, torch.device("cpu"), _NoTracker(), rng_seed=0)
     assert full_steps == list(range(12))
 
     first, first_steps = _Toy(0), []
     with pytest.raises(_Interrupt):
         train_loop(spec, first, data, make_step(first_steps, fail_at=9), cut_dir, torch.device("cpu"),
-                   _NoTracker(), seed=0)
+                   _NoTracker(), rng_seed=0)
     assert first_steps == list(range(9))
     state = torch.load(cut_dir / "toy.resume.pt", weights_only=True)
     assert (state["epoch"], state["step"]) == (2, 8)
@@ -133,7 +133,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     resumed, resumed_steps = _Toy(7), []
     assert not torch.equal(resumed.body, full.body)
     logs = train_loop(spec, resumed, data, make_step(resumed_steps), cut_dir, torch.device("cpu"),
-                      _NoTracker(), seed=0)
+                      _NoTracker(), rng_seed=0)
     assert resumed_steps == [8, 9, 10, 11]  # the two finished epochs are not redone
     assert logs["steps"] == 12
     for name, p in full.named_parameters():
@@ -145,9 +145,9 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     # a resume file written under other training params is not used: the run starts over
     other = dataclasses.replace(spec, fingerprint_keys={"what": "other"})
     with pytest.raises(_Interrupt):
-        train_loop(spec, _Toy(0), data, make_step([], fail_at=5), cut_dir, torch.device("cpu"), _NoTracker(), seed=0)
+        train_loop(spec, _Toy(0), data, make_step([], fail_at=5), cut_dir, torch.device("cpu"), _NoTracker(), rng_seed=0)
     steps_other: list[int] = []
-    train_loop(other, _Toy(0), data, make_step(steps_other), cut_dir, torch.device("cpu"), _NoTracker(), seed=0)
+    train_loop(other, _Toy(0), data, make_step(steps_other), cut_dir, torch.device("cpu"), _NoTracker(), rng_seed=0)
     assert steps_other == list(range(12))
 
 
@@ -258,7 +258,7 @@ def test_poly_learning_rate_at_every_step(monkeypatch, tmp_path):
     w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     spec = trainer.LoopSpec("toy", epochs=2, lr=lr0, batch_size=2, weight_decay=0.0, max_steps=5,
                             fingerprint_keys={})
-    logs = trainer.train_loop(spec, model, _toy_data(6), step_fn, tmp_path, torch.device("cpu"), _NoTracker(), seed=0)
+    logs = trainer.train_loop(spec, model, _toy_data(6), step_fn, tmp_path, torch.device("cpu"), _NoTracker(), rng_seed=0)
     assert logs["steps"] == 5
     expected = [lr0 * (1 - s / 5) ** 0.9 for s in range(5)]  # 0.2, 0.16363, 0.12637, 0.08797, 0.04705
     assert expected[2] == pytest.approx(0.2 * 0.6 ** 0.9)

@@ -33,7 +33,7 @@ def test_report_table_from_metrics_files(tmp_path, monkeypatch):
             extra = {"best_miou": v + 0.05, "best_threshold": 0.5} if stage == "eval_seeds" else {}
             (tmp_path / "metrics" / stage / f"{m}.json").write_text(json.dumps({"miou": v, **extra}))
     (tmp_path / "metrics" / "eval_seg" / "gt.json").write_text(json.dumps({"miou": 0.6}))
-    params = Params(methods={"cam": "cls", "recam-scorecam": "recam-scorecam"})
+    params = Params(methods={"cam": "cls", "recam-scorecam": "recam-scorecam"}, recam_scorecam_mask="online")
     result = report.run(params)
     text = (tmp_path / "report.md").read_text()
     assert "| recam-scorecam | 29.0 | +9.0 | 33.0 | +3.0 | 27.0 | +2.0 | 34.0 |" in text

@@ -12,11 +12,11 @@ from wsss import synth, voc
 from wsss.config import Params
 from wsss.errors import UserError
 
-SMALL = dict(synth_n_train=6, synth_n_val=3, synth_size=64)
+SMALL = dict(synth_n_train=6, synth_n_val=3, synth_n_extra=0, synth_size=64)
 
 
 def small(**kw) -> Params:
-    return Params(**{**SMALL, **kw}).validate()
+    return Params(**{**SMALL, **kw})
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:

@@ -39,7 +39,7 @@ def world(tmp_path_factory) -> Path:
     from wsss.synth import generate
 
     root = tmp_path_factory.mktemp("world") / "VOC2012"
-    generate(root, Params(synth_n_train=8, synth_n_val=4, synth_size=48))
+    generate(root, Params(synth_n_train=8, synth_n_val=4, synth_n_extra=0, synth_size=48))
     return root
 
 
@@ -47,7 +47,7 @@ def world(tmp_path_factory) -> Path:
 def params(world, tmp_path, monkeypatch) -> Params:
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     monkeypatch.setenv("WSSS_TRACKING", "0")
-    return Params(data_dir=str(world), backbone="resnet18", cls_batch_size=4, cls_crop=32, max_steps=2, threads=1,
+    return Params(data_dir=str(world), train_split="train", backbone="resnet18", cls_batch_size=4, cls_crop=32, max_steps=2, threads=1,
                   recam_epochs=1, puzzle_epochs=1, sipe_epochs=1, scorecam_chunk=128,
                   cam_scales=[1.0], cam_flip=False)
 
@@ -82,13 +82,13 @@ def test_recam_loss_hand_built():
     model = _Pred(torch.eye(2))
     # f_0 = mean(A * M_0) = (1, 0), f_1 = (0, 2); W' = I so p = f
     expected = 0.5 * (-math.log(math.e / (math.e + 1)) - math.log(math.e ** 2 / (1 + math.e ** 2)))
-    loss = train_recam.recam_loss(model, feats, None, labels, masks)
+    loss = train_recam.recam_loss(model, feats, labels, masks)
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     # an absent class does not count
-    only0 = train_recam.recam_loss(model, feats, None, torch.tensor([[1.0, 0.0]]), masks)
+    only0 = train_recam.recam_loss(model, feats, torch.tensor([[1.0, 0.0]]), masks)
     assert only0.item() == pytest.approx(-math.log(math.e / (math.e + 1)), rel=1e-6)
     # no class at all: zero, still differentiable
-    none = train_recam.recam_loss(model, feats.requires_grad_(), None, torch.zeros(1, 2), masks)
+    none = train_recam.recam_loss(model, feats.requires_grad_(), torch.zeros(1, 2), masks)
     assert none.item() == 0.0 and none.requires_grad
 
 
@@ -100,7 +100,7 @@ def test_recam_loss_matches_loop_and_cam_masks():
     labels[0, [1, 5]] = 1
     labels[2, 7] = 1
     masks = torch.rand(3, 20, 3, 4)
-    vec = train_recam.recam_loss(model, feats, None, labels, masks)
+    vec = train_recam.recam_loss(model, feats, labels, masks)
     terms = []
     for b, c in labels.nonzero().tolist():
         f = (feats[b] * masks[b, c]).mean((1, 2))
@@ -110,8 +110,8 @@ def test_recam_loss_matches_loop_and_cam_masks():
     # default masks: the detached, max-normalised CAM of the features
     cams = F.relu(F.conv2d(feats, model.classifier.weight))
     cams = cams / (cams.amax((2, 3), keepdim=True) + 1e-5)
-    assert train_recam.recam_loss(model, feats, None, labels).item() == pytest.approx(
-        train_recam.recam_loss(model, feats, None, labels, cams).item(), rel=1e-6)
+    assert train_recam.recam_loss(model, feats, labels).item() == pytest.approx(
+        train_recam.recam_loss(model, feats, labels, cams).item(), rel=1e-6)
 
 
 def test_joint_crop_moves_maps_with_the_image():
@@ -260,13 +260,41 @@ def test_train_recam_scorecam_seeds(params, tmp_path):
 def test_train_recam_scorecam_online_batch3_odd_crop(params, tmp_path):
     # correct Score-CAM of the current model per step; batch 3, odd crop (17 px keeps the
     # 512 forwards per image cheap)
-    p = dataclasses.replace(params, cls_batch_size=3, cls_crop=17, max_steps=1)
-    p.recam_scorecam_mask = "online"
+    p = dataclasses.replace(params, cls_batch_size=3, cls_crop=17, max_steps=1, recam_scorecam_mask="online")
     write_cls_checkpoint(p, tmp_path)
     metrics = train_recam.run(p, "scorecam")
     assert metrics["steps"] == 1 and math.isfinite(metrics["loss"])
     model, _ = load_classifier(tmp_path / "outputs" / "checkpoints" / "recam-scorecam.pt")
     assert model.recam_predictor is not None
+
+
+def test_recam_online_masks_use_scorecam_score(monkeypatch):
+    """recam_scorecam_mask: online scores the channels with ``scorecam_score``, as the seeds of
+    method scorecam do: the masks the step hands to L_sce are those of ``scorecam_batch`` with
+    that score (computed here on a twin of the model, in the step's order: the training forward
+    first, then the Score-CAM in eval mode), and the two scores give clearly different masks."""
+    from wsss.cams.scorecam import scorecam_batch
+
+    seen = []
+    loss = train_recam.recam_loss
+    monkeypatch.setattr(train_recam, "recam_loss", lambda m, f, y, masks: seen.append(masks) or loss(m, f, y, masks))
+    torch.manual_seed(0)
+    model = Classifier("resnet18", 16, "none", recam=True).train()
+    with torch.no_grad():  # logits of a few units, where sigmoid and logit scores part ways
+        model.classifier.weight.mul_(30)
+    x = torch.randn(2, 3, 17, 17)
+    y = torch.zeros(2, 20)
+    y[0, 2] = y[1, 5] = y[1, 9] = 1
+    expected = {}
+    for score in ("sigmoid", "logit"):
+        p = Params(scorecam_score=score, scorecam_chunk=512)
+        train_recam.make_step_fn(p, "scorecam", "online")(copy.deepcopy(model), (x, y, torch.arange(2)), 0)
+        twin = copy.deepcopy(model)
+        feats = twin.features(x)
+        raw = scorecam_batch(twin, x, y, chunk=512, baseline=p.scorecam_baseline, score=score)
+        expected[score] = train_recam.pool_masks(raw, feats.shape[-2:])
+        assert torch.allclose(seen[-1], expected[score], atol=1e-5), score
+    assert (expected["sigmoid"] - expected["logit"]).abs().max() > 0.05
 
 
 def test_recam_online_study_step():
@@ -291,10 +319,9 @@ def test_recam_online_study_step():
             assert torch.allclose(a.running_mean, b.running_mean, atol=1e-6)
 
 
-def test_train_recam_bad_mask_source(params, tmp_path):
-    params.recam_scorecam_mask = "nope"
+def test_bad_mask_source_is_refused_on_construction(params):
     with pytest.raises(UserError, match="recam_scorecam_mask"):
-        train_recam.run(params, "scorecam")
+        dataclasses.replace(params, recam_scorecam_mask="nope")
 
 
 def test_train_puzzle_run(params, tmp_path, monkeypatch):

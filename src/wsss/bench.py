@@ -42,8 +42,7 @@ from typing import Any
 import torch
 
 from .config import Params, resolve_device
-
-NUM_CLASSES = 20
+from .voc import NUM_CLASSES
 
 
 # ---------------------------------------------------------------------- the workload

@@ -4,15 +4,22 @@ Every pipeline step receives one :class:`Params`. Keys are flat (``cls_lr``, not
 ``cls: {lr:}``) so that ``dvc exp run -S key=value`` and ``dvc.yaml`` ``params:`` lists
 stay one word each. Unknown keys, wrong types and out-of-range values raise
 :class:`~wsss.errors.UserError` naming the key and the fix.
+
+One set of defaults: the field defaults below equal ``params.yaml`` (a test compares them key
+by key), so ``Params()`` is the configuration the pipeline runs. ``Params`` is frozen and
+checked on construction, so an object that exists is valid: change a value with
+``dataclasses.replace(p, key=value)``, which checks again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -32,7 +39,7 @@ METHOD_CHECKPOINTS: dict[str, str] = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class Params:
     # reproducibility and hardware
     seed: int = 0
@@ -45,16 +52,16 @@ class Params:
     # data
     dataset: str = "synth"  # synth | voc
     data_dir: str = "data/VOC2012"
-    train_split: str = "train"  # classifier and segmentation training list
+    train_split: str = "train_aug"  # classifier training list (VOC: train_aug = train + SBD)
     seed_split: str = "train"  # list on which seeds and pseudo-masks are made and scored
     val_split: str = "val"  # list on which the segmentation network is scored
     subset: int = 0  # keep only the first N ids of every list (0 = all); the study used 30
 
     # synthetic world
     synth_seed: int = 0
-    synth_n_train: int = 240
-    synth_n_val: int = 80
-    synth_n_extra: int = 0  # extra images listed only in train_aug (like SBD)
+    synth_n_train: int = 160
+    synth_n_val: int = 60
+    synth_n_extra: int = 480  # extra images listed only in train_aug (like SBD)
     synth_size: int = 96
     synth_max_objects: int = 3
     synth_extent: list[float] = field(default_factory=lambda: [0.25, 0.6])  # body's longer side / image side
@@ -69,9 +76,9 @@ class Params:
     backbone: str = "resnet18"
     output_stride: int = 16
     pretrained: str = "none"  # none | imagenet | path to a torchvision state dict
-    cls_epochs: int = 12
+    cls_epochs: int = 40
     cls_batch_size: int = 16
-    cls_lr: float = 0.01
+    cls_lr: float = 0.05
     cls_weight_decay: float = 1e-4
     cls_crop: int = 96
     max_steps: int = 0  # optimiser step budget per training stage (0 = no cap)
@@ -79,8 +86,8 @@ class Params:
     # seeds
     # method -> checkpoint its seeds are read from (outputs/checkpoints/<name>.pt); the value
     # is fixed per method (METHOD_CHECKPOINTS) and is spelled out only so dvc.yaml can use it.
-    methods: dict[str, str] = field(default_factory=lambda: {"cam": "cls"})
-    cam_scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 1.5])
+    methods: dict[str, str] = field(default_factory=lambda: dict(METHOD_CHECKPOINTS))
+    cam_scales: list[float] = field(default_factory=lambda: [2.0, 2.5, 3.0])  # x the image side
     cam_flip: bool = True
     cam_batch_size: int = 8
     scorecam_chunk: int = 64
@@ -91,7 +98,7 @@ class Params:
     scorecam_flip: bool = False
     threshold: float = 0.21
     threshold_sweep: list[float] = field(
-        default_factory=lambda: [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6]
+        default_factory=lambda: [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
     )
 
     # ReCAM (Chen et al. 2022)
@@ -101,12 +108,12 @@ class Params:
     recam_split: str = "train"  # ReCAM fine-tuning list (both variants; Score-CAM seeds exist for it)
     recam_scorecam_mask: str = "seeds"  # seeds | online (see docs/methods.md)
     # Puzzle-CAM (Jo & Yu 2021)
-    puzzle_epochs: int = 12
+    puzzle_epochs: int = 10
     puzzle_lr: float = 0.01
     puzzle_alpha: float = 4.0
     puzzle_init: str = "cls"  # cls: continue from outputs/checkpoints/cls.pt | pretrained
     # SIPE (Chen et al. 2022)
-    sipe_epochs: int = 12
+    sipe_epochs: int = 10
     sipe_lr: float = 0.01
     sipe_lambda: float = 1.0
     sipe_init: str = "cls"  # cls: continue from outputs/checkpoints/cls.pt | pretrained
@@ -123,19 +130,29 @@ class Params:
 
     # segmentation network
     seg_backbone: str = "resnet18"
-    seg_epochs: int = 20
+    seg_epochs: int = 50
     seg_batch_size: int = 16
     seg_lr: float = 0.01
+    seg_weight_decay: float = 1e-4
     seg_crop: int = 96
     seg_decoder: str = "v3plus"  # none | v3plus (DeepLab-v3+ decoder on the stride-4 features)
     seg_crf: bool = False  # dense CRF post-processing in eval-seg
     # backbone start: "pretrained" (above) or "cls": the trunk of outputs/checkpoints/cls.pt,
     # trained on image labels only (the offline stand-in for ImageNet initialisation)
-    seg_init: str = "pretrained"
+    seg_init: str = "cls"
     seg_val_every: int = 0  # quick val mIoU every N epochs during train-seg (0 = only after the last)
 
     # ------------------------------------------------------------------ validation
-    def validate(self, source: str = "params.yaml") -> "Params":
+    def __post_init__(self) -> None:
+        """Check every value on construction (``Params(...)``, ``dataclasses.replace``): types
+        first (ints are accepted where floats are and stored as floats; lists and mappings are
+        copied, so the object shares no mutable value with its caller), then ranges."""
+        source = _SOURCE.get()
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), source))
+        self._check_ranges(source)
+
+    def _check_ranges(self, source: str) -> None:
         def bad(key: str, why: str) -> UserError:
             return UserError(f"{source}: key '{key}' {why}")
 
@@ -169,11 +186,11 @@ class Params:
         positive("synth_n_train", "synth_n_val", "synth_max_objects", "cls_epochs",
                  "cls_batch_size", "cls_lr", "cls_crop", "cam_batch_size", "scorecam_chunk",
                  "recam_epochs", "recam_lr", "puzzle_epochs", "puzzle_lr", "sipe_epochs",
-                 "sipe_lr", "crf_iters", "seg_epochs", "seg_batch_size", "seg_lr", "seg_crop")
+                 "sipe_lr", "seg_epochs", "seg_batch_size", "seg_lr", "seg_crop")
         if self.synth_size < 32:
             raise bad("synth_size", f"must be >= 32 (got {self.synth_size})")
-        for k in ("num_workers", "threads", "subset", "synth_n_extra", "max_steps", "synth_void_width", "cls_weight_decay",
-                  "recam_lambda", "puzzle_alpha", "sipe_lambda", "seg_val_every"):
+        for k in ("num_workers", "threads", "subset", "crf_iters", "synth_n_extra", "max_steps", "synth_void_width",
+                  "cls_weight_decay", "seg_weight_decay", "recam_lambda", "puzzle_alpha", "sipe_lambda", "seg_val_every"):
             if getattr(self, k) < 0:
                 raise bad(k, f"must be >= 0 (got {getattr(self, k)!r})")
         if (len(self.synth_extent) != 2 or not 0 < self.synth_extent[0] <= self.synth_extent[1] <= 1.5):
@@ -200,7 +217,6 @@ class Params:
                 raise bad(key, "must be a non-empty list of positive scales, e.g. [1.0, 0.5, 1.5]")
         if not self.threshold_sweep or any(not 0 <= t <= 1 for t in self.threshold_sweep):
             raise bad("threshold_sweep", "must be a non-empty list of values in [0, 1]")
-        return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -213,6 +229,18 @@ class Params:
 
 
 _HINTS = typing.get_type_hints(Params)
+#: What error messages name as the origin of a bad value (``params.yaml``, ``--methods``, ...).
+_SOURCE: contextvars.ContextVar[str] = contextvars.ContextVar("params_source", default="params.yaml")
+
+
+@contextlib.contextmanager
+def params_source(name: str) -> Iterator[None]:
+    """Name ``name`` as the origin of the values in the errors of Params built in this block."""
+    token = _SOURCE.set(name)
+    try:
+        yield
+    finally:
+        _SOURCE.reset(token)
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:
@@ -252,8 +280,8 @@ def params_from_dict(raw: dict[str, Any], source: str = "params.yaml") -> Params
     unknown = sorted(set(raw) - known)
     if unknown:
         raise UserError(f"{source}: unknown key '{unknown[0]}'; remove it or check its spelling")
-    values = {k: _coerce(k, v, source) for k, v in raw.items()}
-    return Params(**values).validate(source)
+    with params_source(source):
+        return Params(**raw)
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
@@ -271,7 +299,7 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     return params_from_dict(raw, str(path))
 
 
-def seed_everything(seed: int, threads: int = 0) -> None:
+def seed_everything(rng_seed: int, threads: int = 0) -> None:
     """Seed python, numpy and torch and fix torch's CPU thread count (``threads`` > 0), so
     that a step's metrics repeat: float sums are split per thread, and a different split
     rounds differently (a classifier trained with 1 and with 2 threads ends 0.02 mAP apart)."""
@@ -282,9 +310,9 @@ def seed_everything(seed: int, threads: int = 0) -> None:
 
     if threads > 0:
         torch.set_num_threads(threads)
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    random.seed(rng_seed)
+    np.random.seed(rng_seed)
+    torch.manual_seed(rng_seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 

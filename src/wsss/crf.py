@@ -21,8 +21,7 @@ from typing import Any
 
 import numpy as np
 
-#: Mask value of uncertain / ignored pixels.
-VOID = 255
+from .voc import VOID  # the mask value of uncertain / ignored pixels
 #: Smallest probability fed to ``-log``: keeps the unary finite where a label has p = 0.
 PROB_FLOOR = 1e-5
 

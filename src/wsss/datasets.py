@@ -12,9 +12,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .errors import UserError
-from .voc import VOCDataset
-
-VOID = 255
+from .voc import VOID, VOCDataset
 
 
 def _resize(arr: np.ndarray, size: tuple[int, int], nearest: bool) -> np.ndarray:
@@ -54,10 +52,10 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 class ClassificationData(Dataset):
-    """(image crop, 20-dim multi-hot label) pairs; deterministic per (seed, epoch, index)."""
+    """(image crop, 20-dim multi-hot label) pairs; deterministic per (rng_seed, epoch, index)."""
 
-    def __init__(self, voc: VOCDataset, crop: int, seed: int = 0, train: bool = True):
-        self.voc, self.crop, self.seed, self.train = voc, crop, seed, train
+    def __init__(self, voc: VOCDataset, crop: int, rng_seed: int = 0, train: bool = True):
+        self.voc, self.crop, self.rng_seed, self.train = voc, crop, rng_seed, train
         self.epoch = 0
         self.images = [voc.image(i) for i in voc.ids]  # small worlds: keep decoded images in memory
         self.labels = [voc.labels(i) for i in voc.ids]
@@ -69,7 +67,7 @@ class ClassificationData(Dataset):
         return len(self.voc.ids)
 
     def __getitem__(self, idx: int):
-        rng = np.random.default_rng((self.seed, self.epoch, idx))
+        rng = np.random.default_rng((self.rng_seed, self.epoch, idx))
         image = self.images[idx]
         if self.train:
             image, _ = random_scale_flip_crop(rng, image, None, self.crop)
@@ -80,8 +78,8 @@ class SegmentationData(Dataset):
     """(image crop, label crop) pairs; labels come from a folder of PNGs (pseudo-masks) or the
     dataset's ground truth when ``mask_dir`` is None."""
 
-    def __init__(self, voc: VOCDataset, crop: int, mask_dir: Path | None, seed: int = 0):
-        self.voc, self.crop, self.seed, self.epoch = voc, crop, seed, 0
+    def __init__(self, voc: VOCDataset, crop: int, mask_dir: Path | None, rng_seed: int = 0):
+        self.voc, self.crop, self.rng_seed, self.epoch = voc, crop, rng_seed, 0
         self.images = [voc.image(i) for i in voc.ids]
         self.masks = [self._load_mask(mask_dir, i) for i in voc.ids]
 
@@ -100,6 +98,6 @@ class SegmentationData(Dataset):
         return len(self.voc.ids)
 
     def __getitem__(self, idx: int):
-        rng = np.random.default_rng((self.seed, self.epoch, idx))
+        rng = np.random.default_rng((self.rng_seed, self.epoch, idx))
         image, label = random_scale_flip_crop(rng, self.images[idx], self.masks[idx], self.crop)
         return to_tensor(image), torch.from_numpy(label.astype(np.int64))

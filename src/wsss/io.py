@@ -1,11 +1,15 @@
 """Atomic file output: write to a temporary name in the same folder, then rename.
 
 A crash or a bad input half-way through a step therefore never leaves a truncated file
-under the final name.
+under the final name. Temporary names are ``.<name>.tmp-<pid>-<random>``; a ``kill -9`` can
+still leave one behind, so every write of ``<name>`` first removes the temporaries of
+``<name>`` whose process is gone (:func:`remove_stale_temps`): a rerun cleans up after the
+killed run.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -18,12 +22,53 @@ import numpy as np
 from PIL import Image
 
 
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.tmp-"
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs. A zombie (killed, not yet reaped: in a container
+    whose init does not reap, for good) does not."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no /proc (macOS): trust kill(0)
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files and folders of ``path`` left by writers that no longer run
+    (a killed step); returns what was removed. Temporaries of a live process are kept."""
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    prefix = _temp_prefix(path)
+    for p in path.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = p.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(path)}{os.getpid()}-", suffix=suffix or ".tmp",
+                               dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -39,13 +84,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder next to ``path``; swap it in for ``path`` if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    remove_stale_temps(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(path)}{os.getpid()}-", dir=path.parent))
     try:
         yield tmp
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
+            old = path.with_name(f"{_temp_prefix(path)}{os.getpid()}-old")
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old)
@@ -91,3 +135,21 @@ def save_torch(path: str | os.PathLike, obj: Any) -> None:
 
     with atomic_path(path, ".pt") as tmp:
         torch.save(obj, tmp)
+
+
+def load_torch(path: str | os.PathLike, what: str, fix: str) -> Any:
+    """The one checkpoint reader: the object :func:`save_torch` wrote at ``path`` (or a torch
+    state dict file), on the CPU, tensors and plain containers only (``weights_only``: a
+    checkpoint cannot run code). A missing or unreadable file is one :class:`UserError`
+    naming the file, ``what`` it should be and the ``fix``."""
+    import torch
+
+    from .errors import UserError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found; {fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: not a readable {what} ({type(e).__name__}); {fix}") from None

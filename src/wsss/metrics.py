@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import numpy as np
 
-VOID = 255
+from .voc import NUM_LABELS, VOID
 
 
 class ConfusionMatrix:
     """Accumulates (n x n+1) counts: rows = ground truth, columns = prediction, last = void."""
 
-    def __init__(self, num_classes: int = 21):
+    def __init__(self, num_classes: int = NUM_LABELS):
         self.n = num_classes
         self.mat = np.zeros((num_classes, num_classes + 1), dtype=np.int64)
 
@@ -35,9 +35,6 @@ class ConfusionMatrix:
         self.mat += np.bincount(gt * (self.n + 1) + pred, minlength=self.n * (self.n + 1)).reshape(
             self.n, self.n + 1
         )
-
-    def merge(self, other: "ConfusionMatrix") -> None:
-        self.mat += other.mat
 
     def scores(self, class_names: list[str] | None = None) -> dict:
         tp = np.diag(self.mat[:, : self.n]).astype(np.float64)
@@ -61,7 +58,7 @@ class ConfusionMatrix:
         }
 
 
-def miou(preds: list[np.ndarray], gts: list[np.ndarray], num_classes: int = 21) -> float:
+def miou(preds: list[np.ndarray], gts: list[np.ndarray], num_classes: int = NUM_LABELS) -> float:
     cm = ConfusionMatrix(num_classes)
     for p, g in zip(preds, gts):
         cm.update(p, g)

@@ -60,10 +60,9 @@ class Counts:
         def rate(hit, total):
             return hit / total if total else None
 
-        return {"part_recall": rate(self.part_hit, self.part_total),
-                "body_recall": rate(self.body_hit, self.body_total),
-                "cooccur_fp": rate(self.cooccur_hit, self.cooccur_total),
-                "context_fp": rate(self.context_hit, self.context_total)}
+        return dict(zip(KEYS, (rate(self.part_hit, self.part_total), rate(self.body_hit, self.body_total),
+                               rate(self.cooccur_hit, self.cooccur_total),
+                               rate(self.context_hit, self.context_total))))
 
 
 def image_counts(label: np.ndarray, gt: np.ndarray, role: np.ndarray, pairs: list[tuple[int, int]],

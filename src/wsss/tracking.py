@@ -24,7 +24,6 @@ is set on the experiment by :func:`ensure_experiment`:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -158,10 +157,6 @@ class Tracker:
         if self.active and Path(path).exists():
             self._mlflow.log_artifact(str(path), folder)
 
-    def log_dict(self, obj: Any, name: str) -> None:
-        if self.active:
-            self._mlflow.log_dict(obj, name)
-
     def log_table(self, rows: list[dict[str, Any]], name: str) -> None:
         if self.active and rows:
             cols = {k: [r.get(k) for r in rows] for k in rows[0]}
@@ -202,11 +197,3 @@ def step_run(step: str, params, method: str | None = None) -> Iterator[Tracker]:
             mlflow.set_tag("wsss.status", "failed")
             raise
 
-
-def fig_to_array(fig) -> np.ndarray:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    from PIL import Image
-
-    buf.seek(0)
-    return np.asarray(Image.open(buf).convert("RGB"))

@@ -3,10 +3,14 @@ train-sipe): seeded data order, SGD with polynomial decay (IRN/ReCAM: power 0.9,
 rate on newly added heads), an optional optimiser-step budget (``max_steps``, the seed-study
 protocol), per-epoch MLflow metrics, and atomic, resumable checkpoints.
 
-Resuming: after every epoch ``<name>.resume.pt`` holds the model, optimiser, epoch and step,
-tagged with a fingerprint of the params that shape training; a rerun with the same params
-continues from there, a rerun with other params starts over. The final ``<name>.pt`` is written
-atomically and the resume file removed.
+Resuming: after every epoch ``<name>.resume.pt`` holds the model, optimiser, epoch and step
+and torch's global random state (dropout draws from it: DeepLab's ASPP), tagged with a
+fingerprint of the params that shape training; a rerun with the same params continues from
+there, a rerun with other params starts over. The data order and augmentation of an epoch
+depend only on (rng_seed, epoch) and the learning rate only on the step, so with the same
+``threads`` a resumed run ends with the same bits as an uninterrupted one
+(tests/test_crash_resume.py). The final ``<name>.pt`` is written atomically and the resume
+file removed.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .io import save_torch
+from .errors import UserError
+from .io import load_torch, remove_stale_temps, save_torch
 
 
 @dataclass
@@ -40,6 +45,18 @@ class LoopSpec:
 
 def fingerprint(d: dict) -> str:
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def rng_state() -> dict:
+    """torch's global random state (CPU, and every GPU when there are any)."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, new_prefixes: tuple[str, ...]):
@@ -72,7 +89,7 @@ def train_loop(
     ckpt_dir: Path,
     device: torch.device,
     tracker,
-    seed: int,
+    rng_seed: int,
     new_prefixes: tuple[str, ...] = ("classifier",),
     extra_state: dict | None = None,
     epoch_end: Callable[[nn.Module, int], dict[str, float]] | None = None,
@@ -86,18 +103,23 @@ def train_loop(
     fp = fingerprint(spec.fingerprint_keys)
     start_epoch, step = 0, 0
     if resume_path.exists():
-        state = torch.load(resume_path, map_location="cpu", weights_only=True)
-        if state.get("fingerprint") == fp:
+        try:
+            state = load_torch(resume_path, "resume checkpoint", "starting over")
+        except UserError as e:  # e.g. a truncated file from an old version: not worth stopping for
+            print(e)
+            state = {}
+        if isinstance(state, dict) and state.get("fingerprint") == fp and "rng" in state:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
+            set_rng_state(state["rng"])
             start_epoch, step = state["epoch"], state["step"]
             print(f"[{spec.name}] resuming from epoch {start_epoch} (step {step})")
     logs: dict[str, float] = {}
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(rng_seed)
     for epoch in range(start_epoch, n_epochs):
         if step >= total:
             break
-        gen.manual_seed(seed * 1000 + epoch)
+        gen.manual_seed(rng_seed * 1000 + epoch)
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
         loader = DataLoader(dataset, batch_size=spec.batch_size, shuffle=True, drop_last=True,
@@ -127,12 +149,13 @@ def train_loop(
             logs.update(epoch_end(model, epoch))
         tracker.log_metrics(logs, step=epoch)
         model.train()
-        save_torch(resume_path, {"fingerprint": fp, "model": model.state_dict(),
-                                 "optimizer": opt.state_dict(), "epoch": epoch + 1, "step": step})
+        save_torch(resume_path, {"fingerprint": fp, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                 "epoch": epoch + 1, "step": step, "rng": rng_state()})
     final = {"spec": model.spec(), "model": model.state_dict(), "steps": step,
              "fingerprint": fp, **(extra_state or {})}
     save_torch(ckpt_dir / f"{spec.name}.pt", final)
     resume_path.unlink(missing_ok=True)
+    remove_stale_temps(resume_path)
     logs["steps"] = float(step)
     return logs
 

@@ -33,6 +33,10 @@ CLASSES: list[str] = [
     "train", "tvmonitor",
 ]
 NUM_CLASSES = 20
+#: The names of the mask labels 0..20 (background, then CLASSES): the one label-name list.
+LABEL_NAMES: list[str] = ["background", *CLASSES]
+#: Mask labels a segmentation is scored on (background + the classes).
+NUM_LABELS = len(LABEL_NAMES)
 #: Mask value of pixels that are ignored in training and scoring (object borders, unsure).
 VOID = 255
 #: Mask value of background pixels.

@@ -28,7 +28,7 @@ class GradCAM(CAMMethod):
     name = "gradcam"
     needs_grad = True
 
-    def channel_weights(self, A: torch.Tensor, grads: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
+    def channel_weights(self, A: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         """Weights (C,) of one class from A (C,h,w) and dy_c/dA (C,h,w)."""
         return grads.mean(dim=(1, 2))
 
@@ -41,7 +41,7 @@ class GradCAM(CAMMethod):
             for i, c in enumerate(cls):
                 (g,) = torch.autograd.grad(logits[0, c], A, retain_graph=i < len(cls) - 1)
                 a, g0 = A[0].detach().float(), g[0].float()
-                w = self.channel_weights(a, g0, logits[0, c].detach().float())
+                w = self.channel_weights(a, g0)
                 out.append(F.relu(torch.einsum("k,khw->hw", w, a)))
         if not out:
             return A.new_zeros((0, *A.shape[2:])).detach()

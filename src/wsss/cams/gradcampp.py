@@ -29,7 +29,7 @@ class GradCAMPlusPlus(GradCAM):
 
     name = "gradcampp"
 
-    def channel_weights(self, A: torch.Tensor, grads: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
+    def channel_weights(self, A: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         g2 = grads.pow(2)
         g3 = grads.pow(3)
         denom = 2 * g2 + A.sum(dim=(1, 2), keepdim=True) * g3

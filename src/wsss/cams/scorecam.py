@@ -94,16 +94,17 @@ def _score(logits: torch.Tensor, score: str) -> torch.Tensor:
     return torch.sigmoid(logits) if score == "sigmoid" else logits
 
 
-def _amp_context(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
-    if amp and device.type == "cuda":
+def _autocast(device: torch.device, cuda_autocast: bool) -> contextlib.AbstractContextManager:
+    """bfloat16 (else float16) autocast on CUDA when ``cuda_autocast``; on CPU nothing."""
+    if cuda_autocast and device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
     return contextlib.nullcontext()
 
 
-def _prep(batch: torch.Tensor, amp: bool) -> torch.Tensor:
+def _layout(batch: torch.Tensor, channels_last: bool) -> torch.Tensor:
     # channels_last helps on CPU too (oneDNN: ~1.3x for ResNet-18 at 96 px, same values)
-    if amp:
+    if channels_last:
         return batch.contiguous(memory_format=torch.channels_last)
     return batch
 
@@ -133,7 +134,8 @@ def _combine(A1: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
 
 def scorecam_scores(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, A: torch.Tensor,
                     classes: torch.Tensor, chunk: int, baseline: torch.Tensor | None = None,
-                    score: str = "sigmoid", amp: bool = True) -> torch.Tensor:
+                    score: str = "sigmoid", channels_last: bool = True,
+                    cuda_autocast: bool = True) -> torch.Tensor:
     """Score-CAM channel scores S (C, n) of one image for all ``classes`` in one pass.
 
     ``forward`` maps a normalised batch to logits; ``x`` (1,3,H,W); ``A`` (1,C,h,w);
@@ -146,11 +148,11 @@ def scorecam_scores(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Te
     scores = torch.full((C, classes.numel()), float("-inf"), device=x.device)
     valid = _non_constant(A[0])
     chunk = max(1, int(chunk))
-    with _amp_context(x.device, amp):
+    with _autocast(x.device, cuda_autocast):
         for i in range(0, valid.numel(), chunk):
             idx = valid[i:i + chunk]
             up = F.interpolate(A[:, idx].float(), size=(H, W), mode="bilinear", align_corners=False)[0]
-            masked = _prep(x * _min_max(up)[:, None], amp)  # (m, 3, H, W)
+            masked = _layout(x * _min_max(up)[:, None], channels_last)  # (m, 3, H, W)
             s = _score(forward(masked)[:, classes], score)
             scores[idx] = s - baseline if baseline is not None else s
     return scores
@@ -170,15 +172,16 @@ class ScoreCAM(CAMMethod):
     channels get a_ck = 0. See the module docstring for details and the 'study' variant.
 
     Options default to ``params.scorecam_chunk``, ``params.scorecam_baseline`` and
-    ``params.scorecam_variant``; ``amp`` enables channels_last (CPU and CUDA; converts the
-    model's weights in place) and, on CUDA, autocast.
+    ``params.scorecam_variant``. ``channels_last`` runs the masked batches and the model's
+    weights (converted in place) in channels_last memory format, on any device (same values);
+    ``cuda_autocast`` runs the forwards under autocast on CUDA (no effect on CPU).
     """
 
     name = "scorecam"
 
     def __init__(self, model: nn.Module, params: Params | None = None, *,
                  chunk: int | None = None, baseline: bool | None = None, score: str | None = None,
-                 variant: str | None = None, amp: bool = True,
+                 variant: str | None = None, channels_last: bool = True, cuda_autocast: bool = True,
                  target_layer: str | nn.Module | None = None, device: torch.device | str | None = None):
         super().__init__(model, params, target_layer=target_layer, device=device)
         score = score if score is not None else self.params.scorecam_score
@@ -189,15 +192,15 @@ class ScoreCAM(CAMMethod):
         self.variant = variant if variant is not None else self.params.scorecam_variant
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {', '.join(VARIANTS)} (got {self.variant!r})")
-        self.amp = amp
-        if amp:  # the masked batches are channels_last; convert the weights once to match
+        self.channels_last, self.cuda_autocast = channels_last, cuda_autocast
+        if channels_last:  # the masked batches are channels_last; convert the weights once to match
             self.model.to(memory_format=torch.channels_last)
 
     def _baseline_scores(self, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor | None:
         if not self.baseline:
             return None
-        with _amp_context(x.device, self.amp):
-            logits = self.model(_prep(torch.zeros_like(x[:1]), self.amp))
+        with _autocast(x.device, self.cuda_autocast):
+            logits = self.model(_layout(torch.zeros_like(x[:1]), self.channels_last))
         return _score(logits[0, classes], self.score)
 
     @torch.inference_mode()
@@ -208,7 +211,7 @@ class ScoreCAM(CAMMethod):
     def maps_batch(self, x: torch.Tensor, classes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         A = self.activations(x)
         if self.variant == "study":
-            cams = _study_maps(self.model, x, A, self.chunk, self.amp)
+            cams = _study_maps(self.model, x, A, self.chunk, self.channels_last, self.cuda_autocast)
             return [cams[b, c] for b, c in enumerate(classes)]
         out = []
         for b, c in enumerate(classes):
@@ -217,7 +220,8 @@ class ScoreCAM(CAMMethod):
                 continue
             xb = x[b:b + 1]
             S = scorecam_scores(self.model, xb, A[b:b + 1], c, self.chunk,
-                                self._baseline_scores(xb, c), self.score, self.amp)
+                                self._baseline_scores(xb, c), self.score, self.channels_last,
+                                self.cuda_autocast)
             out.append(_combine(A[b], S))
         return out
 
@@ -273,7 +277,8 @@ def _eval_mode(model: nn.Module):
 
 
 def scorecam_batch(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, chunk: int = 64,
-                   baseline: bool = True, score: str = "sigmoid", amp: bool = True) -> torch.Tensor:
+                   baseline: bool = True, score: str = "sigmoid", channels_last: bool = True,
+                   cuda_autocast: bool = True) -> torch.Tensor:
     """Correct Score-CAMs (B, K, h, w) of a batch, per image, for its present classes.
 
     ``x`` (B,3,H,W) normalised (any B, any crop size); ``labels`` (B,K) multi-hot. For each
@@ -289,32 +294,33 @@ def scorecam_batch(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, chun
         out = A.new_zeros((B, labels.shape[1], h, w), dtype=torch.float32)
         base_logits = None
         if baseline:
-            with _amp_context(x.device, amp):
-                base_logits = model(_prep(torch.zeros_like(x[:1]), amp))[0]
+            with _autocast(x.device, cuda_autocast):
+                base_logits = model(_layout(torch.zeros_like(x[:1]), channels_last))[0]
         for b in range(B):
             cls = labels[b].nonzero().flatten()
             if cls.numel() == 0:
                 continue
             base = _score(base_logits[cls], score) if base_logits is not None else None
-            S = scorecam_scores(model, x[b:b + 1], A[b:b + 1], cls, chunk, base, score, amp)
+            S = scorecam_scores(model, x[b:b + 1], A[b:b + 1], cls, chunk, base, score, channels_last, cuda_autocast)
             out[b, cls] = _combine(A[b], S)
     return out
 
 
-def _study_maps(model: nn.Module, x: torch.Tensor, A: torch.Tensor, chunk: int, amp: bool) -> torch.Tensor:
+def _study_maps(model: nn.Module, x: torch.Tensor, A: torch.Tensor, chunk: int, channels_last: bool,
+                cuda_autocast: bool) -> torch.Tensor:
     """The study's batch Score-CAM (B, K, h, w) for all K classes; see the module docstring."""
     B, C = A.shape[:2]
     H, W = x.shape[-2:]
     valid = _non_constant(A[0])  # skipping is decided on item 0, like the scores
     per = max(1, int(chunk) // B)  # channels per forward: about `chunk` images per forward
     S = None
-    with _amp_context(x.device, amp):
+    with _autocast(x.device, cuda_autocast):
         for i in range(0, valid.numel(), per):
             idx = valid[i:i + per]
             m = idx.numel()
             up = F.interpolate(A[:, idx].float(), size=(H, W), mode="bilinear", align_corners=False)
             masked = (x[:, None] * _min_max(up)[:, :, None]).reshape(B * m, 3, H, W)
-            logits = model(_prep(masked, amp)).float().view(B, m, -1)
+            logits = model(_layout(masked, channels_last)).float().view(B, m, -1)
             if S is None:
                 S = torch.full((C, logits.shape[-1]), float("-inf"), device=x.device)
             S[idx] = logits[0]  # the bug: item 0's scores for the whole batch
@@ -326,7 +332,7 @@ def _study_maps(model: nn.Module, x: torch.Tensor, A: torch.Tensor, chunk: int, 
 
 
 def study_scorecam_batch(model: nn.Module, x_batch: torch.Tensor, labels_batch: torch.Tensor,
-                         chunk: int = 64, amp: bool = True) -> torch.Tensor:
+                         chunk: int = 64, channels_last: bool = True, cuda_autocast: bool = True) -> torch.Tensor:
     """The student project's Score-CAM for a batch (B, K, h, w), for replaying its numbers.
 
     One forward per channel over the whole batch, scores (raw logits, no baseline) read
@@ -336,5 +342,5 @@ def study_scorecam_batch(model: nn.Module, x_batch: torch.Tensor, labels_batch: 
     """
     with torch.no_grad(), _eval_mode(model):
         A = model.features(x_batch)
-        cams = _study_maps(model, x_batch, A, chunk, amp)
+        cams = _study_maps(model, x_batch, A, chunk, channels_last, cuda_autocast)
         return cams * (labels_batch[:, :, None, None] > 0)

@@ -16,6 +16,7 @@ import torchvision
 from torch import nn
 
 from ..errors import UserError
+from ..io import load_torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,12 +51,8 @@ def load_backbone_weights(net: nn.Module, arch: str, pretrained: str) -> None:
             ) from None
     else:
         path = Path(pretrained)
-        if not path.is_file():
-            raise UserError(f"{path}: pretrained weights file not found; fix key 'pretrained' in params.yaml")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:
-            raise UserError(f"{path}: not a readable torch state dict; re-download it") from None
+        fix = "fix key 'pretrained' in params.yaml" if not path.is_file() else "re-download it"
+        state = load_torch(path, "pretrained weights file (torch state dict)", fix)
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
         if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..io import load_torch
+from ..voc import NUM_CLASSES
 from .backbone import ResNetTrunk
-
-NUM_CLASSES = 20
 
 
 class Classifier(nn.Module):
@@ -77,10 +77,9 @@ def build_classifier(params) -> Classifier:
 def read_checkpoint(path: str | Path) -> dict:
     """The dict of a training-stage checkpoint (on the CPU), or one clear error."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found; run its training stage first (e.g. `python cli.py train-cls`)")
+    fix = "delete it and retrain" if path.is_file() else "run its training stage first (e.g. `python cli.py train-cls`)"
+    ckpt = load_torch(path, "checkpoint", fix)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
         ckpt["spec"]["backbone"]
     except Exception as e:
         raise UserError(f"{path}: not a valid checkpoint ({type(e).__name__}); delete it and retrain") from None

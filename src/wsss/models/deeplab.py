@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..io import load_torch
 from .backbone import ResNetTrunk
 
 NUM_LABELS = 21  # background + 20 VOC classes
@@ -169,10 +170,9 @@ def load_deeplab(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     """Load a ``seg-<method>.pt`` checkpoint; returns the model (eval mode) and the dict."""
     path = Path(path)
     method = path.stem[4:] if path.stem.startswith("seg-") else "<method>"
-    if not path.is_file():
-        raise UserError(f"{path}: segmentation checkpoint not found; run `python cli.py train-seg --method {method}` first")
+    ckpt = load_torch(path, "segmentation checkpoint", f"run `python cli.py train-seg --method {method}`"
+                      + (" first" if not path.is_file() else " again"))
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
         spec = ckpt["spec"]
         if spec.get("kind") != "deeplab":
             raise UserError(f"{path}: is not a segmentation (deeplab) checkpoint; "

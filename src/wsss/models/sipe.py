@@ -151,7 +151,7 @@ def prototypes(hie: torch.Tensor, seeds: torch.Tensor, k1: int) -> torch.Tensor:
 
 def is_cams(hie: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
     """IS-CAM (B, K+1, h, w) = ReLU(cos(f_i, p_k)); an all-zero prototype gives 0."""
-    B, D, h, w = hie.shape
+    B, _, h, w = hie.shape
     f = F.normalize(hie.flatten(2), dim=1, eps=EPS)  # (B, D, N)
     p = F.normalize(protos, dim=2, eps=EPS)  # (B, K1, D)
     return F.relu(p @ f).view(B, -1, h, w)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import METHOD_CHECKPOINTS, Params
 from ..errors import UserError
 from ..paths import workspace_root
+
+if TYPE_CHECKING:
+    import numpy as np
 
 OUTPUTS = "outputs"
 

@@ -27,10 +27,9 @@ from ..errors import UserError
 from ..io import atomic_dir, save_label_png, write_json
 from ..metrics import ConfusionMatrix
 from ..tracking import step_run
-from ..voc import CLASSES, PALETTE, VOID, VOCDataset
+from ..voc import LABEL_NAMES, NUM_LABELS, PALETTE, VOID, VOCDataset
 from .common import open_split, out_dir, read_seed, summary
 
-LABEL_NAMES = ["background"] + list(CLASSES)
 N_SAMPLES = 4  # overlays logged to MLflow
 
 
@@ -67,7 +66,7 @@ def _pseudo_mask_job(image_id: str) -> dict:
     out = {"id": image_id, "labelled": int((mask != VOID).sum()), "pixels": int(mask.size)}
     if voc.mask_path(image_id).is_file():
         gt = voc.mask(image_id)
-        cm, cm_labelled = ConfusionMatrix(21), ConfusionMatrix(21)
+        cm, cm_labelled = ConfusionMatrix(NUM_LABELS), ConfusionMatrix(NUM_LABELS)
         cm.update(mask, gt)
         cm_labelled.update(mask, np.where(mask == VOID, VOID, gt).astype(np.uint8))
         out["cm"], out["cm_labelled"] = cm.mat, cm_labelled.mat
@@ -115,7 +114,7 @@ def run(params: Params, method: str) -> dict:
                         f"have none); run `python cli.py seeds --method {method}` first")
     workers = min(resolve_workers(params), len(ids))
     final_dir = out_dir("pseudo_masks", method)
-    cm, cm_labelled = ConfusionMatrix(21), ConfusionMatrix(21)
+    cm, cm_labelled = ConfusionMatrix(NUM_LABELS), ConfusionMatrix(NUM_LABELS)
     labelled = pixels = scored = 0
     with step_run("crf", params, method=method) as tracker:
         with atomic_dir(final_dir) as tmp:

@@ -24,6 +24,7 @@ from ..io import write_json, write_text
 from ..metrics import ConfusionMatrix
 from ..synth import CONTEXTS_FILE, ROLE_DIR
 from ..tracking import step_run
+from ..voc import LABEL_NAMES, NUM_LABELS
 from .common import open_split, out_dir, read_seed, summary
 
 
@@ -63,13 +64,11 @@ def read_roles(root: Path, image_id: str, shape: tuple[int, int]) -> np.ndarray:
 
 
 def run(params: Params, method: str) -> dict:
-    from ..voc import CLASSES
-
     seed_everything(params.seed, params.threads)
     voc = open_split(params, params.seed_split)
-    names = ["background", *CLASSES]
+    names = LABEL_NAMES
     thresholds = sorted(set(params.threshold_sweep) | {params.threshold})
-    cms = {t: ConfusionMatrix(21) for t in thresholds}
+    cms = {t: ConfusionMatrix(NUM_LABELS) for t in thresholds}
     seed_dir = out_dir("seeds", method)
     contexts = open_roles(voc.root)
     counts = regime.Counts()

@@ -24,9 +24,9 @@ from ..io import atomic_dir, save_label_png, write_json
 from ..metrics import ConfusionMatrix
 from ..models.deeplab import load_deeplab, predict_probs
 from ..tracking import step_run
-from ..voc import PALETTE
+from ..voc import LABEL_NAMES, NUM_LABELS, PALETTE
 from .common import checkpoint_path, open_split, out_dir, summary
-from .crf import LABEL_NAMES, pool_context, resolve_workers
+from .crf import pool_context, resolve_workers
 from .train_seg import check_method
 
 N_SAMPLES = 6
@@ -60,7 +60,7 @@ def run(params: Params, method: str) -> dict:
     with pool:
         model, _ = load_deeplab(checkpoint_path(f"seg-{method}"), device)
         _init_crf(params)
-        cm = ConfusionMatrix(21)
+        cm = ConfusionMatrix(NUM_LABELS)
         samples = []
         bar = tqdm(total=len(val.ids), desc=f"eval-seg {method}", dynamic_ncols=True)
         chunk = max(8, 4 * workers)

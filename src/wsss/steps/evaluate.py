@@ -11,6 +11,7 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import UserError
 from ..io import write_json
 from ..metrics import ConfusionMatrix
+from ..voc import LABEL_NAMES, NUM_LABELS, VOID
 
 
 def read_label_png(path: Path) -> np.ndarray:
@@ -23,8 +24,7 @@ def read_label_png(path: Path) -> np.ndarray:
         raise UserError(f"{path}: not a readable PNG; re-create it") from None
 
 
-def score_folders(pred_dir: Path, gt_dir: Path, num_classes: int = 21) -> dict:
-    from ..voc import CLASSES
+def score_folders(pred_dir: Path, gt_dir: Path, num_classes: int = NUM_LABELS) -> dict:
 
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     for d in (pred_dir, gt_dir):
@@ -41,15 +41,15 @@ def score_folders(pred_dir: Path, gt_dir: Path, num_classes: int = 21) -> dict:
         pred, gt = read_label_png(p), read_label_png(g)
         if pred.shape != gt.shape:
             raise UserError(f"{p}: size {pred.shape[::-1]} != ground truth {gt.shape[::-1]}; predict at image size")
-        bad = (gt != 255) & (gt >= num_classes)
+        bad = (gt != VOID) & (gt >= num_classes)
         if bad.any():
-            raise UserError(f"{g}: label {int(gt[bad][0])} outside 0..{num_classes - 1} and 255; fix the ground truth")
-        bad = (pred != 255) & (pred >= num_classes)
+            raise UserError(f"{g}: label {int(gt[bad][0])} outside 0..{num_classes - 1} and {VOID}; fix the ground truth")
+        bad = (pred != VOID) & (pred >= num_classes)
         if bad.any():
-            raise UserError(f"{p}: label {int(pred[bad][0])} outside 0..{num_classes - 1} and 255; "
-                            f"save class indices (255 = no prediction), not colours")
+            raise UserError(f"{p}: label {int(pred[bad][0])} outside 0..{num_classes - 1} and {VOID}; "
+                            f"save class indices ({VOID} = no prediction), not colours")
         cm.update(pred, gt)
-    names = ["background", *CLASSES] if num_classes == 21 else None
+    names = LABEL_NAMES if num_classes == NUM_LABELS else None
     scores = cm.scores(names)
     scores["n_images"] = len(gt_files)
     return scores

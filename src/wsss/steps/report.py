@@ -73,11 +73,11 @@ def collect(methods: list[str]) -> list[dict]:
     rows = []
     for m in methods:
         scores = {k: _read(d, f"{m}.json") for k, d in STAGES}
-        seed = scores["seed"]
-        roles = {k: seed.get(k) for k in ROLE_KEYS}
-        roles["part_body"] = _ratio(seed.get("part_recall"), seed.get("body_recall"))
+        seed_scores = scores["seed"]
+        roles = {k: seed_scores.get(k) for k in ROLE_KEYS}
+        roles["part_body"] = _ratio(seed_scores.get("part_recall"), seed_scores.get("body_recall"))
         rows.append({"method": m, **{k: v.get("miou") for k, v in scores.items()},
-                     ORACLE: seed.get("best_miou"), **roles})
+                     ORACLE: seed_scores.get("best_miou"), **roles})
     gt = _read("eval_seg", "gt.json").get("miou")
     if gt is not None:
         rows.append({"method": "upper bound (seg on GT masks)", "seed": None, "mask": None, "seg": gt,
@@ -89,9 +89,9 @@ def regime_values(rows: list[dict], val_map: float | None) -> dict:
     """The measured side of the regime block, from the rows and the classifier's val mAP."""
     cam = next((r for r in rows if r["method"] == "cam"), {})
     upper = next((r["seg"] for r in rows if r["method"].startswith("upper")), None)
-    seed, mask = cam.get("seed"), cam.get("mask")
-    return {"val_map": val_map, "upper": upper, "cam_seed": seed, "cam_mask": mask,
-            "seed_over_upper": _ratio(seed, upper), "mask_over_seed": _ratio(mask, seed)}
+    seed_miou, mask_miou = cam.get("seed"), cam.get("mask")
+    return {"val_map": val_map, "upper": upper, "cam_seed": seed_miou, "cam_mask": mask_miou,
+            "seed_over_upper": _ratio(seed_miou, upper), "mask_over_seed": _ratio(mask_miou, seed_miou)}
 
 
 def _cell(kind: str, value, std=None) -> str:

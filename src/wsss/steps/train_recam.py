@@ -31,7 +31,7 @@ Masks m_bc:
     minute per step on 2 CPU cores).
   - ``online``: at every step the correct Score-CAM of the current model on the current
     crops (:func:`wsss.cams.scorecam.scorecam_batch`, ``scorecam_chunk``,
-    ``scorecam_baseline``), or the student project's variant
+    ``scorecam_baseline``, ``scorecam_score``), or the student project's variant
     (:func:`wsss.cams.scorecam.study_scorecam_batch`) when ``scorecam_variant: study``.
 
 Writes ``outputs/checkpoints/<name>.pt`` and ``outputs/metrics/train_<name>.json``.
@@ -49,17 +49,16 @@ from torch import nn
 from ..config import Params, resolve_device, seed_everything
 from ..datasets import ClassificationData, random_scale_flip_crop, to_tensor
 from ..errors import UserError
-from ..io import load_npz, write_json
+from ..io import write_json
 from ..models.classifier import load_classifier
 from ..tracking import step_run
 from ..trainer import LoopSpec, classification_scores, train_loop
-from .common import checkpoint_path, open_split, out_dir, summary
+from .common import checkpoint_path, open_split, out_dir, read_seed, summary
 
 VARIANTS = ("cam", "scorecam")
-MASK_SOURCES = ("seeds", "online")
 TRAINING_KEYS = ("seed", "dataset", "data_dir", "recam_split", "subset", "recam_epochs", "recam_lr",
                  "recam_lambda", "cls_batch_size", "cls_weight_decay", "cls_crop", "max_steps")
-SCORECAM_KEYS = ("scorecam_chunk", "scorecam_variant", "scorecam_baseline")
+SCORECAM_KEYS = ("scorecam_chunk", "scorecam_variant", "scorecam_baseline", "scorecam_score")
 EPS = 1e-5
 
 
@@ -84,18 +83,15 @@ def cam_masks(model: nn.Module, feats: torch.Tensor) -> torch.Tensor:
     return normalise_max(model.raw_cams(feats.detach()).detach())
 
 
-def recam_loss(model: nn.Module, feats: torch.Tensor, logits: torch.Tensor | None,
-               labels: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+def recam_loss(model: nn.Module, feats: torch.Tensor, labels: torch.Tensor,
+               masks: torch.Tensor | None = None) -> torch.Tensor:
     """ReCAM's softmax cross-entropy L_sce (Chen et al., CVPR 2022) for a batch.
 
     ``feats`` A (B, C, h, w); ``labels`` (B, K) multi-hot; ``masks`` (B, K, h, w) in [0, 1]
     at feature size (None: :func:`cam_masks`). For every present pair (b, c):
     f_bc = mean_{hw}(A_b * M_bc) (C,), p_bc = W' f_bc (K,), and
-    L_sce = mean_{(b,c)} CE(p_bc, c). ``logits`` (the classification output) is not used by
-    L_sce; it is accepted so the call reads like the loss of the paper, L(z, y, A, M).
-    Vectorised over all pairs; 0 (with a graph) when no class is present.
+    L_sce = mean_{(b,c)} CE(p_bc, c). Vectorised over all pairs; 0 (with a graph) when no class is present.
     """
-    del logits
     if model.recam_predictor is None:
         raise ValueError("model has no recam_predictor; call add_recam_predictor() first")
     if masks is None:
@@ -151,7 +147,7 @@ class SeedMaskData(ClassificationData):
     """:class:`~wsss.datasets.ClassificationData` plus per-image Score-CAM masks from the seeds
     stage: yields (image, label, idx, maps (K, crop, crop) float32 in [0, 1])."""
 
-    def __init__(self, voc, crop: int, seed: int = 0, folder=None):
+    def __init__(self, voc, crop: int, rng_seed: int = 0, folder=None):
         self.folder = folder if folder is not None else seeds_folder()
         missing = [i for i in voc.ids if not (self.folder / f"{i}.npz").is_file()]
         if missing:
@@ -159,26 +155,16 @@ class SeedMaskData(ClassificationData):
                             f"{len(voc.ids)} training images); run `python cli.py seeds --method scorecam` first "
                             f"(with seed_split covering recam_split '{voc.split}'), or set "
                             f"recam_scorecam_mask: online")
-        super().__init__(voc, crop, seed)
+        super().__init__(voc, crop, rng_seed)
         self.num_classes = len(self.labels[0]) if self.labels else 20
 
     def _maps(self, idx: int) -> tuple[np.ndarray, np.ndarray]:
-        path = self.folder / f"{self.voc.ids[idx]}.npz"
-        try:
-            z = load_npz(path)
-            keys, cams = z["keys"].astype(np.int64), z["cams"]
-        except Exception as e:
-            raise UserError(f"{path}: unreadable seeds file ({type(e).__name__}); rerun "
-                            f"`python cli.py seeds --method scorecam`") from None
-        h, w = self.images[idx].shape[:2]
-        if cams.shape != (len(keys), h, w) or (keys.size and (keys.min() < 0 or keys.max() >= self.num_classes)):
-            raise UserError(f"{path}: maps of shape {cams.shape} (keys {keys.tolist()}) do not fit image "
-                            f"{w}x{h}; rerun `python cli.py seeds --method scorecam`")
-        q = np.round(np.clip(cams, 0.0, 1.0) * 255.0).astype(np.uint8)
-        return keys, q
+        """(keys, maps quantised to uint8) of one image, read and checked by the one seed reader."""
+        keys, cams = read_seed(self.folder / f"{self.voc.ids[idx]}.npz", "scorecam", self.images[idx].shape[:2])
+        return keys, np.round(cams * 255.0).astype(np.uint8)
 
     def __getitem__(self, idx: int):
-        rng = np.random.default_rng((self.seed, self.epoch, idx))
+        rng = np.random.default_rng((self.rng_seed, self.epoch, idx))
         keys, q = self._maps(idx)
         image, crops = joint_scale_flip_crop(rng, self.images[idx], q, self.crop)
         maps = np.zeros((self.num_classes, self.crop, self.crop), np.float32)
@@ -201,7 +187,8 @@ def make_step_fn(params: Params, variant: str, source: str):
         if params.scorecam_variant == "study":
             raw = study_scorecam_batch(m, x, y, chunk=params.scorecam_chunk)
         else:
-            raw = scorecam_batch(m, x, y, chunk=params.scorecam_chunk, baseline=params.scorecam_baseline)
+            raw = scorecam_batch(m, x, y, chunk=params.scorecam_chunk, baseline=params.scorecam_baseline,
+                                 score=params.scorecam_score)
         return pool_masks(raw.detach(), feats.shape[-2:])
 
     def step_fn(m, batch, step):
@@ -210,7 +197,7 @@ def make_step_fn(params: Params, variant: str, source: str):
         logits = m.head(feats)
         masks = masks_for(m, x, y, feats, batch)
         l_cls = F.multilabel_soft_margin_loss(logits, y)
-        l_sce = recam_loss(m, feats, logits, y, masks)
+        l_sce = recam_loss(m, feats, y, masks)
         loss = l_cls + lam * l_sce
         return loss, {"loss": loss.item(), "loss_cls": l_cls.item(), "loss_sce": l_sce.item()}
 
@@ -220,10 +207,7 @@ def make_step_fn(params: Params, variant: str, source: str):
 def run(params: Params, variant: str = "cam") -> dict:
     if variant not in VARIANTS:
         raise UserError(f"train-recam: variant must be one of {', '.join(VARIANTS)} (got {variant!r})")
-    source = getattr(params, "recam_scorecam_mask", "seeds")
-    if variant == "scorecam" and source not in MASK_SOURCES:
-        raise UserError(f"params.yaml: key 'recam_scorecam_mask' must be one of {', '.join(MASK_SOURCES)} "
-                        f"(got {source!r})")
+    source = params.recam_scorecam_mask  # seeds | online (checked by Params)
     name = stage_name(variant)
     stage = f"train-{name}"
     seed_everything(params.seed, params.threads)

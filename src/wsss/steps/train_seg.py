@@ -33,12 +33,12 @@ from ..metrics import ConfusionMatrix
 from ..models.deeplab import build_deeplab
 from ..tracking import step_run
 from ..trainer import LoopSpec, planned_schedule, train_loop
-from ..voc import VOID
+from ..voc import NUM_LABELS, VOID
 from .common import open_split, out_dir, summary
 
 GT = "gt"
 TRAINING_KEYS = ("seed", "dataset", "data_dir", "subset", "seg_backbone", "output_stride", "pretrained",
-                 "seg_decoder", "seg_epochs", "seg_batch_size", "seg_lr", "seg_crop", "cls_weight_decay",
+                 "seg_decoder", "seg_epochs", "seg_batch_size", "seg_lr", "seg_crop", "seg_weight_decay",
                  "max_steps")
 #: Validation images scored after every epoch (the full score is eval-seg's job).
 VAL_QUICK = 100
@@ -68,7 +68,7 @@ def quick_val_miou(model, voc, device, limit: int = VAL_QUICK, batch_size: int =
     if not ids:
         return {}
     model.eval()
-    cm = ConfusionMatrix(21)
+    cm = ConfusionMatrix(NUM_LABELS)
     by_shape: dict[tuple, list[str]] = {}
     for i in ids:
         by_shape.setdefault(voc.image_size(i), []).append(i)
@@ -129,7 +129,7 @@ def run(params: Params, method: str) -> dict:
     if params.seg_init == "cls":
         keys["init"] = init_from_classifier(model, params)
     spec = LoopSpec(f"seg-{method}", params.seg_epochs, params.seg_lr, params.seg_batch_size,
-                    params.cls_weight_decay, params.max_steps, keys)
+                    params.seg_weight_decay, params.max_steps, keys)
 
     val_epochs = validation_epochs(params, len(data))
 
