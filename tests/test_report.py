@@ -65,15 +65,16 @@ SHOW = [{"rev": "workspace", "data": {}},
                                         "eval_seg/gt.json": {"miou": 0.50}})]},
             {"revs": [_exp("exp-b", 1, {"eval_seeds/cam.json": {"miou": 0.40, "best_miou": 0.5},
                                         "crf/cam.json": {"miou": 0.50},
-                                        "report.json": {"regime": {"val_map": 0.60}}})]},
+                                        "train_cls.json": {"val_map": 0.60},
+                                        "report.json": {"regime": {"val_map": 0.99}}})]},
             {"revs": [_exp("other", 2, {"eval_seeds/cam.json": {"miou": 0.9}})]}]}]
 
 
 def test_spread_queues_runs_and_reads_dvc_experiments(tmp_path, monkeypatch):
     """spread = `dvc exp run --queue` (one sweep over the seeds, the unlisted methods dropped),
     `dvc exp run --run-all --jobs 1`, then the scores of exactly the queued experiments from
-    `dvc exp show --json`: mean ± std by hand, the regime from report.json or, before the
-    report stage ran (--until), from the metrics."""
+    `dvc exp show --json`: mean ± std by hand, from the metrics the runs made themselves (up
+    to --until; the rest of an experiment's commit is the baseline's, another seed's)."""
     from wsss import spread
 
     monkeypatch.setenv("WSSS_OUTPUTS", str(tmp_path / "outputs"))
@@ -95,11 +96,13 @@ def test_spread_queues_runs_and_reads_dvc_experiments(tmp_path, monkeypatch):
     assert agg["seeds"] == [0, 1]
     assert agg["methods"]["cam"]["seed"] == (pytest.approx(0.3), pytest.approx(0.1))
     assert agg["methods"]["cam"]["mask"] == (pytest.approx(0.4), pytest.approx(0.1))
+    assert "upper bound (seg on GT masks)" not in agg["methods"]  # not made --until crf: the baseline's
     assert agg["methods"]["cam"]["seed_best"] == (pytest.approx(0.4), pytest.approx(0.1))
-    # val mAP 0.40 (train_cls.json) and 0.60 (report.json) -> 0.50 ± 0.10
+    # val mAP 0.40 and 0.60 (train_cls.json; report.json is the baseline's with --until crf) -> 0.50 ± 0.10
     assert agg["regime"]["val_map"] == (pytest.approx(0.5), pytest.approx(0.1))
     text = (tmp_path / "outputs" / "spread" / "report.md").read_text()
     assert "| cam | 30.0 ± 10.0 | 40.0 ± 10.0 |" in text
+    assert "| classifier val mAP | 0.500 ± 0.100 |" in text
 
 
 def test_spread_reports_an_experiment_without_results(tmp_path, monkeypatch):

@@ -76,11 +76,17 @@ def results(show: list, names: list[str]) -> dict[str, dict]:
     return found
 
 
-def rows_of(run: dict, methods: list[str]) -> tuple[list[dict], dict]:
-    """The report rows and regime of one experiment, from its metrics."""
+#: last stage -> the metrics an experiment ran up to it made itself; the others in its commit
+#: are the baseline's (dvc restores every tracked output), from another seed: never read them
+FRESH = {"seeds": ("train_cls.json", "eval_seeds/"), "crf": ("train_cls.json", "eval_seeds/", "crf/"),
+         "seg": ("",)}
+
+
+def rows_of(run: dict, methods: list[str], until: str = "seg") -> tuple[list[dict], dict]:
+    """The report rows and regime of one experiment, from the metrics it made."""
     from .steps import report
 
-    metrics = run["metrics"]
+    metrics = {k: v for k, v in run["metrics"].items() if k.startswith(FRESH[until])}
     rows = report.collect(methods, read=lambda *parts: metrics.get("/".join(parts), {}))
     saved = metrics.get("report.json", {})
     regime = saved.get("regime") or report.regime_values(rows, metrics.get("train_cls.json", {}).get("val_map"))
@@ -108,7 +114,7 @@ def spread(params: Params, seeds: list[int], until: str = "seg", root: Path | No
     per_seed, regimes = {}, {}
     for name in names:
         seed = int(found[name]["params"].get("seed"))
-        per_seed[seed], regimes[seed] = rows_of(found[name], listed)
+        per_seed[seed], regimes[seed] = rows_of(found[name], listed, until)
     agg = report.aggregate(per_seed, regimes)
     old = os.environ.get("WSSS_OUTPUTS")
     os.environ["WSSS_OUTPUTS"] = str(out_dir("spread"))
