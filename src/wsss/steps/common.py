@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..config import METHOD_CHECKPOINTS, Params
+from .. import methods
+from ..config import Params
 from ..errors import UserError
 from ..paths import workspace_root
 
@@ -24,9 +25,7 @@ def checkpoint_path(name: str) -> Path:
 
 
 def method_checkpoint(method: str) -> Path:
-    if method not in METHOD_CHECKPOINTS:
-        raise UserError(f"unknown method {method!r}; choose from {', '.join(METHOD_CHECKPOINTS)}")
-    return checkpoint_path(METHOD_CHECKPOINTS[method])
+    return checkpoint_path(methods.get(method).checkpoint)
 
 
 def open_split(params: Params, split: str, validate: bool = True):

@@ -21,9 +21,9 @@ Masks m_bc:
 * variant ``scorecam`` (``recam-scorecam.pt``): a Score-CAM (Wang et al., CVPRW 2020), from
   the source named by ``recam_scorecam_mask``:
 
-  - ``seeds`` (default): the Score-CAMs that ``python cli.py seeds --method scorecam``
-    wrote for each training image (``outputs/seeds/scorecam/<id>.npz``, computed from
-    ``cls.pt``), cropped/flipped/rescaled together with the image and average-pooled to the
+  - ``seeds`` (default): the Score-CAMs of ``cls.pt`` for each training image, the maps
+    ``python cli.py seeds --method scorecam`` writes, made by this stage into a temporary
+    folder (:func:`scorecam_masks`) so that it reads no other method's outputs, cropped/flipped/rescaled together with the image and average-pooled to the
     feature size. ReCAM trains at a small learning rate for few epochs, so the classifier
     barely moves from ``cls.pt`` and the Score-CAM of the start checkpoint is a close
     stand-in for a per-step Score-CAM, at no extra cost per step (a per-step Score-CAM is
