@@ -2,6 +2,7 @@
 
     python cli.py data synth | data voc --root PATH | data check | data preview
     python cli.py train-cls
+    python cli.py train --method recam           (a method's own training; see src/wsss/methods.py)
     python cli.py seeds --method recam-scorecam
     python cli.py eval-seeds --method cam        (threshold from params.yaml)
     python cli.py crf --method cam
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -28,16 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
 import typer  # noqa: E402
 
-from wsss.config import METHOD_CHECKPOINTS, load_params  # noqa: E402
+from wsss import methods as declared  # noqa: E402
+from wsss.config import load_params  # noqa: E402
 from wsss.errors import UserError  # noqa: E402
 
-Method = Enum("Method", {m.upper().replace("-", "_"): m for m in METHOD_CHECKPOINTS}, type=str)
-SegSource = Enum("SegSource", {**{m.upper().replace("-", "_"): m for m in METHOD_CHECKPOINTS}, "GT": "gt"}, type=str)
-
-
-class RecamVariant(str, Enum):
-    CAM = "cam"
-    SCORECAM = "scorecam"
+# the --method choices, from the one declaration of the methods (src/wsss/methods.py)
+Method = declared.enum("Method")
+SegSource = declared.enum("SegSource", extra=(declared.GT,))
 
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -156,32 +153,14 @@ def train_cls(params: Path = ParamsOpt):
     step.run(_params(params))
 
 
-@app.command("train-recam")
+@app.command("train")
 @friendly
-def train_recam(variant: RecamVariant = typer.Option(RecamVariant.CAM, help="mask source in the softmax-CE term"),
-                params: Path = ParamsOpt):
-    """ReCAM training from cls.pt (recam.pt; --variant scorecam -> recam-scorecam.pt)."""
-    from wsss.steps import train_recam as step
+def train(method: Method = typer.Option(..., help="the method whose checkpoint to make"), params: Path = ParamsOpt):
+    """The checkpoint a method's seeds use (outputs/checkpoints/<method>.pt): its own training
+    stage (ReCAM, Puzzle-CAM, SIPE, ...) or, for a method without one, an alias of cls.pt."""
+    from wsss.steps import train as step
 
-    step.run(_params(params), variant=variant.value)
-
-
-@app.command("train-puzzle")
-@friendly
-def train_puzzle(params: Path = ParamsOpt):
-    """Puzzle-CAM training (outputs/checkpoints/puzzlecam.pt)."""
-    from wsss.steps import train_puzzle as step
-
-    step.run(_params(params))
-
-
-@app.command("train-sipe")
-@friendly
-def train_sipe(params: Path = ParamsOpt):
-    """SIPE training (outputs/checkpoints/sipe.pt)."""
-    from wsss.steps import train_sipe as step
-
-    step.run(_params(params))
+    step.run(_params(params), method.value)
 
 
 @app.command("seeds")
@@ -241,12 +220,10 @@ def report(params: Path = ParamsOpt):
 
 def _method_list(text: str) -> list[str]:
     """``--methods a,b`` -> ["a", "b"], each a known method."""
-    from wsss.config import METHOD_CHECKPOINTS
-
     chosen = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in chosen if m not in METHOD_CHECKPOINTS]
+    unknown = [m for m in chosen if m not in declared.BY_NAME]
     if unknown:
-        raise UserError(f"--methods: unknown method {unknown[0]!r}; choose from {', '.join(METHOD_CHECKPOINTS)}")
+        raise UserError(f"--methods: unknown method {unknown[0]!r}; choose from {', '.join(declared.names())}")
     return chosen
 
 
@@ -271,22 +248,29 @@ def spread(seeds: str = typer.Option("0,1,2", help="comma-separated random seeds
            methods: str = typer.Option("", help="comma-separated subset of params methods (default: all)"),
            until: str = typer.Option("seg", help="last stage per method: seeds | crf | seg"),
            params: Path = ParamsOpt):
-    """Run the whole pipeline once per random seed and report mean ± std (outputs/spread/)."""
+    """The pipeline once per random seed as DVC experiments (dvc exp show lists them), then
+    mean ± std per method (outputs/spread/)."""
     import dataclasses
 
-    from wsss.config import METHOD_CHECKPOINTS, params_source
-    from wsss.pipeline import STAGE_ORDER, spread as run_spread
+    from wsss.config import params_source
+    from wsss.spread import TARGETS, spread as run_spread
 
     try:
         values = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise UserError(f"--seeds {seeds!r}: give integers separated by commas, e.g. 0,1,2") from None
-    if until not in STAGE_ORDER:
-        raise UserError(f"--until {until!r}: choose one of {', '.join(STAGE_ORDER)}")
+    if not values:
+        raise UserError("--seeds: give at least one seed, e.g. 0,1,2")
+    if until not in TARGETS:
+        raise UserError(f"--until {until!r}: choose one of {', '.join(TARGETS)}")
     p = _params(params)
     if methods:
+        chosen = _method_list(methods)
+        missing = [m for m in chosen if m not in p.methods]
+        if missing:
+            raise UserError(f"--methods: {missing[0]!r} is not listed in {params} key 'methods'; add it there first")
         with params_source("--methods"):
-            p = dataclasses.replace(p, methods={m: METHOD_CHECKPOINTS[m] for m in _method_list(methods)})
+            p = dataclasses.replace(p, methods={m: p.methods[m] for m in chosen})
     run_spread(p, values, until)
 
 

@@ -201,11 +201,11 @@ def test_malformed_segmentation_checkpoint(world, case):
 
 
 def test_malformed_cls_checkpoint_as_a_start(world):
-    """train-puzzle (puzzle_init: cls) continues from cls.pt: a broken one is one clear error."""
+    """train --method puzzlecam (puzzle_init: cls) continues from cls.pt: a broken one is one clear error."""
     path = checkpoint(world, "cls")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"garbage")
-    assert_one_error(invoke(world, "train-puzzle"), "cls.pt")
+    assert_one_error(invoke(world, "train", "--method", "puzzlecam"), "cls.pt")
 
 
 # ---------------------------------------------------------------------------- eval --pred --gt

@@ -78,7 +78,6 @@ def test_replace_names_its_source():
         ({"backbone": "vgg"}, "backbone"),
         ({"methods": {"foo": "cls"}}, "methods"),
         ({"methods": {"recam": "cls"}}, "methods.recam"),
-        ({"methods": {"recam-scorecam": "recam-scorecam"}}, "methods"),
         ({"conf_fg": 0.1, "conf_bg": 0.3}, "conf_bg"),
         ({"cam_scales": []}, "cam_scales"),
         ({"thresold": 0.3}, "thresold"),
@@ -122,3 +121,9 @@ def test_seed_everything_fixes_the_thread_count():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_recam_scorecam_alone_is_valid():
+    """train@recam-scorecam makes its own Score-CAM masks: it needs no scorecam listed."""
+    assert params_from_dict({"methods": {"recam-scorecam": "recam-scorecam"}}).methods == {
+        "recam-scorecam": "recam-scorecam"}

@@ -114,3 +114,35 @@ def test_exp_run_temp_runs_in_its_copy_and_tracks_to_the_parent(micro_repo):
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["wsss"], filter_string="tags.`dvc.exp_name` = 'tmpexp'")
     assert set(runs["tags.dvc.stage"]) == ran
+
+
+def test_spread_runs_seeds_as_queued_dvc_experiments(micro_repo):
+    """`cli.py spread` queues one experiment per seed (the other methods dropped with -S
+    ~methods.M), runs the queue with one worker and reads the scores back from `dvc exp show`."""
+    root, env, _ = micro_repo
+    _run(["git", "add", "-A"], root, env)
+    _run(["git", "commit", "-qm", "lock", "--allow-empty"], root, env)
+    log = _run([sys.executable, "cli.py", "spread", "--seeds", "1", "--methods", "cam", "--until", "seeds"], root, env)
+    assert "queued" in log
+    saved = json.loads((root / "outputs/spread/metrics/report.json").read_text())
+    # until seeds: only its own seed scores; the baseline's crf / upper bound are not mixed in
+    assert saved["spread"]["seeds"] == [1] and list(saved["spread"]["methods"]) == ["cam"]
+    assert set(saved["spread"]["methods"]["cam"]) >= {"seed", "seed_best"}
+    assert "mask" not in saved["spread"]["methods"]["cam"]
+    shown = subprocess.run(["dvc", "exp", "show", "--json"], cwd=root, env=env, capture_output=True, text=True)
+    assert '"seed": 1' in shown.stdout
+
+
+def test_only_listed_methods_have_stages_and_cam_alone_reproduces(micro_repo):
+    """With `methods: {cam: cls}` (Params' default) dvc.yaml has no stage of another method and
+    `dvc repro` runs: no stage reads an unlisted method's outputs."""
+    root, env, _ = micro_repo
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["methods"] = {"cam": "cls"}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stages = _run(["dvc", "stage", "list", "--name-only"], root, env).split()
+    assert "train@cam" in stages and not [s for s in stages if "scorecam" in s or "recam" in s]
+    log = _run(["dvc", "repro"], root, env)
+    ran = {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")}
+    assert ran <= {"train@cam", "report"}  # everything else of cam is unchanged
+    assert "| cam |" in (root / "outputs/report.md").read_text()

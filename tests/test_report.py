@@ -51,108 +51,70 @@ def test_aggregate_includes_oracle_threshold_column():
     assert (mean, std) == (pytest.approx(0.32), pytest.approx(0.02))
 
 
-def test_spread_reuses_a_finished_run_with_the_same_params_only(tmp_path, monkeypatch):
-    """A seed whose report.json carries the same params fingerprint is read back, not rerun."""
-    from wsss import pipeline
+def _exp(name, seed, metrics):
+    """One experiment as `dvc exp show --json` lists it (the parts spread reads)."""
+    return {"rev": "abc", "name": name, "data": {
+        "params": {"params.yaml": {"data": {"seed": seed, "methods": {"cam": "cls"}}}},
+        "metrics": {f"outputs/metrics/{k}": {"data": v} for k, v in metrics.items()}}}
 
-    monkeypatch.setenv("WSSS_OUTPUTS", str(tmp_path))
+
+SHOW = [{"rev": "workspace", "data": {}},
+        {"rev": "HEAD", "experiments": [
+            {"revs": [_exp("exp-a", 0, {"eval_seeds/cam.json": {"miou": 0.20, "best_miou": 0.3},
+                                        "crf/cam.json": {"miou": 0.30}, "train_cls.json": {"val_map": 0.40},
+                                        "eval_seg/gt.json": {"miou": 0.50}})]},
+            {"revs": [_exp("exp-b", 1, {"eval_seeds/cam.json": {"miou": 0.40, "best_miou": 0.5},
+                                        "crf/cam.json": {"miou": 0.50},
+                                        "train_cls.json": {"val_map": 0.60},
+                                        "report.json": {"regime": {"val_map": 0.99}}})]},
+            {"revs": [_exp("other", 2, {"eval_seeds/cam.json": {"miou": 0.9}})]}]}]
+
+
+def test_spread_queues_runs_and_reads_dvc_experiments(tmp_path, monkeypatch):
+    """spread = `dvc exp run --queue` (one sweep over the seeds, the unlisted methods dropped),
+    `dvc exp run --run-all --jobs 1`, then the scores of exactly the queued experiments from
+    `dvc exp show --json`: mean ± std by hand, from the metrics the runs made themselves (up
+    to --until; the rest of an experiment's commit is the baseline's, another seed's)."""
+    from wsss import spread
+
+    monkeypatch.setenv("WSSS_OUTPUTS", str(tmp_path / "outputs"))
     monkeypatch.setenv("WSSS_TRACKING", "0")
-    params = Params(methods={"cam": "cls"})
-    (tmp_path / "metrics" / "eval_seeds").mkdir(parents=True)
-    (tmp_path / "metrics" / "eval_seeds" / "cam.json").write_text(json.dumps({"miou": 0.2, "best_miou": 0.3}))
-    report.run(params)  # the "main" run, seed 0
-    spread_root = tmp_path / "spread" / "seed-1" / "metrics"
-    spread_root.mkdir(parents=True)
-    (spread_root / "report.json").write_text(json.dumps({
-        "rows": [{"method": "cam", "seed": 0.4, "mask": None, "seg": None, "seed_best": 0.5}],
-        "params_fingerprint": report.params_fingerprint(Params(methods={"cam": "cls"}, seed=1)),
-        "until": "seg"}))
-
-    ran = []
-    monkeypatch.setattr(pipeline, "run_all", lambda p, until: ran.append(p.seed) or {"rows": []})
-    agg = pipeline.spread(params, [0, 1], until="seg")
-    assert ran == []  # both seeds were finished
-    assert agg["methods"]["cam"]["seed"] == (pytest.approx(0.3), pytest.approx(0.1))
-
-    ran.clear()
-    pipeline.spread(params, [0, 1], until="crf")  # another stopping point: both rerun
-    assert ran == [0, 1]
-    ran.clear()
-    pipeline.spread(Params(methods={"cam": "cls"}, threshold=0.3), [0], until="seg")  # other params
-    assert ran == [0]
-    ran.clear()  # a method the finished run did not cover: rerun
-    pipeline.spread(Params(methods={"cam": "cls", "gradcam": "cls"}), [0], until="seg")
-    assert ran == [0]
-
-
-def test_spread_reuses_a_run_that_covered_more_methods(tmp_path, monkeypatch):
-    """A finished run over cam + gradcam serves a spread over cam alone (its gradcam row dropped,
-    the upper bound kept); the fingerprint leaves ``methods`` out."""
-    from wsss import pipeline
-
-    monkeypatch.setenv("WSSS_OUTPUTS", str(tmp_path))
-    monkeypatch.setenv("WSSS_TRACKING", "0")
-    both = Params(methods={"cam": "cls", "gradcam": "cls"})
-    assert report.params_fingerprint(both) == report.params_fingerprint(Params(methods={"cam": "cls"}))
-    assert report.params_fingerprint(both) != report.params_fingerprint(Params(methods={"cam": "cls"}, seed=1))
-    (tmp_path / "metrics").mkdir(parents=True)
-    (tmp_path / "metrics" / "report.json").write_text(json.dumps({
-        "rows": [{"method": "cam", "seed": 0.2}, {"method": "gradcam", "seed": 0.1},
-                 {"method": "upper bound (seg on GT masks)", "seg": 0.5}],
-        "params_fingerprint": report.params_fingerprint(both), "until": "seg"}))
-    rows, _ = pipeline.finished_run(Params(methods={"cam": "cls"}), "seg", [tmp_path])
-    assert [r["method"] for r in rows] == ["cam", "upper bound (seg on GT masks)"]
-
-
-def test_in_process_pipeline_runs_every_dvc_stage_after_its_inputs(monkeypatch):
-    """``pipeline.run_all`` (used by ``spread``) repeats the DAG of dvc.yaml in code. Record the
-    steps it calls (their run functions stubbed) and check they are exactly dvc.yaml's stage
-    commands, each after the stages that write its deps."""
-    from pathlib import Path
-
-    import yaml
-
-    from wsss import pipeline
-    from wsss.config import load_params
-    from wsss.steps import (crf, eval_seeds, eval_seg, report, seeds, train_cls, train_puzzle, train_recam,
-                            train_seg, train_sipe)
-
-    repo = Path(__file__).resolve().parents[1]
-    params = load_params(repo / "params.yaml")
+    (tmp_path / "params.yaml").write_text("methods: {cam: cls, gradcam: cls}\n")
     calls = []
 
-    def record(command, by_method=False):
-        def run(p, *args, **kw):
-            arg = (args[0] if args else kw.get("method")) if by_method else None
-            variant = kw.get("variant")
-            calls.append(command + (f" --method {arg}" if arg else "") + (f" --variant {variant}" if variant else ""))
-            return {"rows": []}
-        return run
+    def fake(args, cwd, stdout_only=False):
+        calls.append(args)
+        if args[:3] == ["exp", "run", "--queue"]:
+            return "Queued experiment 'exp-a' for future execution.\nQueued experiment 'exp-b' for future execution.\n"
+        return json.dumps(SHOW) if args[:2] == ["exp", "show"] else ""
 
-    for mod, cmd in ((train_cls, "train-cls"), (train_puzzle, "train-puzzle"), (train_sipe, "train-sipe"),
-                     (train_recam, "train-recam"), (report, "report")):
-        monkeypatch.setattr(mod, "run", record(cmd))
-    for mod, cmd in ((seeds, "seeds"), (eval_seeds, "eval-seeds"), (crf, "crf"), (train_seg, "train-seg"),
-                     (eval_seg, "eval-seg")):
-        monkeypatch.setattr(mod, "run", record(cmd, by_method=True))
-    pipeline.run_all(params)
+    monkeypatch.setattr(spread, "_call", fake)
+    agg = spread.spread(Params(methods={"cam": "cls"}), [0, 1], until="crf", root=tmp_path)
+    assert calls[0] == ["exp", "run", "--queue", "-S", "seed=0,1", "-S", "~methods.gradcam", "eval-seeds", "crf"]
+    assert calls[1] == ["exp", "run", "--run-all", "--jobs", "1"]
+    assert calls[2] == ["exp", "show", "--json"]
+    assert agg["seeds"] == [0, 1]
+    assert agg["methods"]["cam"]["seed"] == (pytest.approx(0.3), pytest.approx(0.1))
+    assert agg["methods"]["cam"]["mask"] == (pytest.approx(0.4), pytest.approx(0.1))
+    assert "upper bound (seg on GT masks)" not in agg["methods"]  # not made --until crf: the baseline's
+    assert agg["methods"]["cam"]["seed_best"] == (pytest.approx(0.4), pytest.approx(0.1))
+    # val mAP 0.40 and 0.60 (train_cls.json; report.json is the baseline's with --until crf) -> 0.50 ± 0.10
+    assert agg["regime"]["val_map"] == (pytest.approx(0.5), pytest.approx(0.1))
+    text = (tmp_path / "outputs" / "spread" / "report.md").read_text()
+    assert "| cam | 30.0 ± 10.0 | 40.0 ± 10.0 |" in text
+    assert "| classifier val mAP | 0.500 ± 0.100 |" in text
 
-    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
-    expanded = []  # (command, deps, outs)
-    for stage in stages.values():
-        for key, item in (params.methods.items() if "foreach" in stage else [(None, None)]):
-            body = stage.get("do", stage)
-            sub = (lambda s: s.replace("${key}", key).replace("${item}", item)) if key else (lambda s: s)
-            outs = [sub(o) for o in body.get("outs", []) + body.get("metrics", []) + body.get("plots", [])
-                    if isinstance(o, str)]
-            expanded.append((sub(body["cmd"]).removeprefix("python cli.py "),
-                             [sub(d) for d in body.get("deps", [])], outs))
-    assert sorted(calls) == sorted(c for c, _, _ in expanded)
-    assert len(set(calls)) == len(calls)
-    for cmd, deps, _ in expanded:
-        for other, _, outs in expanded:
-            if other != cmd and any(o == d or o.startswith(d.rstrip("/") + "/") for o in outs for d in deps):
-                assert calls.index(other) < calls.index(cmd), f"{other} must run before {cmd}"
+
+def test_spread_reports_an_experiment_without_results(tmp_path, monkeypatch):
+    from wsss import spread
+    from wsss.errors import UserError
+
+    (tmp_path / "params.yaml").write_text("methods: {cam: cls}\n")
+    monkeypatch.setattr(spread, "_call", lambda args, cwd, stdout_only=False: (
+        "Queued experiment 'lost' for future execution.\n" if "--queue" in args else
+        json.dumps(SHOW) if "show" in args else ""))
+    with pytest.raises(UserError, match="experiment lost left no results; see `dvc queue logs lost`"):
+        spread.spread(Params(methods={"cam": "cls"}), [0], root=tmp_path)
 
 
 def test_spread_report_shows_means_deltas_and_no_empty_single_run_table(tmp_path, monkeypatch):
@@ -229,36 +191,3 @@ def test_regime_block_with_missing_files_shows_dashes_and_no_role_table(tmp_path
     assert "| CAM pseudo-mask / CAM seed | - | 1.38 (reported; 66.5 / 48.3) |" in text
     assert "part recall" not in text
     assert result["regime"]["val_map"] is None
-
-
-def test_spread_carries_the_regime_as_mean_and_std(tmp_path, monkeypatch):
-    """``spread`` averages each seed's regime (from its report.json, also a reused one) and the
-    role metrics of its rows; the spread report shows them as mean ± std (by hand)."""
-    from wsss import pipeline
-
-    monkeypatch.setenv("WSSS_OUTPUTS", str(tmp_path))
-    monkeypatch.setenv("WSSS_TRACKING", "0")
-    params = Params(methods={"cam": "cls"})
-    _write_metrics(tmp_path, {  # seed 0: the main run
-        "train_cls.json": {"val_map": 0.40},
-        "eval_seeds/cam.json": {"miou": 0.20, "best_miou": 0.2, "part_recall": 0.6, "body_recall": 0.2},
-        "crf/cam.json": {"miou": 0.24}})
-    report.run(params)
-    # seed 1: a finished run of the same params, with its own regime
-    _write_metrics(tmp_path / "spread" / "seed-1", {"report.json": {
-        "rows": [{"method": "cam", "seed": 0.30, "mask": 0.30, "seg": None, "seed_best": 0.3,
-                  "part_recall": 0.7, "body_recall": 0.1, "part_body": 7.0}],
-        "regime": {"val_map": 0.50, "cam_seed": 0.30, "cam_mask": 0.30, "mask_over_seed": 1.0, "upper": None},
-        "params_fingerprint": report.params_fingerprint(Params(methods={"cam": "cls"}, seed=1)), "until": "seg"}})
-    monkeypatch.setattr(pipeline, "run_all", lambda p, until: pytest.fail("both seeds are finished"))
-    agg = pipeline.spread(params, [0, 1])
-    # val mAP 0.40, 0.50 -> 0.45 ± 0.05; pseudo-mask / seed 0.24 / 0.20 = 1.2 and 1.0 -> 1.10 ± 0.10
-    assert agg["regime"]["val_map"] == (pytest.approx(0.45), pytest.approx(0.05))
-    assert agg["regime"]["mask_over_seed"] == (pytest.approx(1.1), pytest.approx(0.1))
-    assert "upper" not in agg["regime"]  # measured by neither seed
-    text = (tmp_path / "spread" / "report.md").read_text()
-    assert "| classifier val mAP | 0.450 ± 0.050 | > 0.9 (reported; ImageNet ResNet-50) |" in text
-    assert "| CAM pseudo-mask / CAM seed | 1.10 ± 0.10 | 1.38 (reported; 66.5 / 48.3) |" in text
-    assert "| CAM seed / upper bound | - |" in text
-    # part recall 0.6, 0.7 -> 65.0 ± 5.0; body 0.2, 0.1 -> 15.0 ± 5.0; part / body 3, 7 -> 5.00 ± 2.00
-    assert "| cam | 65.0 ± 5.0 | 15.0 ± 5.0 | 5.00 ± 2.00 | - | - |" in text

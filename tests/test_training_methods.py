@@ -233,25 +233,35 @@ def test_train_recam_cam_run(params, tmp_path):
     assert cams.shape == (2, 40, 44)
 
 
-def test_train_recam_scorecam_seeds(params, tmp_path):
-    write_cls_checkpoint(params, tmp_path)
-    with pytest.raises(UserError, match="seeds --method scorecam"):
-        train_recam.run(params, "scorecam")
+def test_train_recam_scorecam_seeds(params, tmp_path, monkeypatch):
+    """recam_scorecam_mask: seeds makes its own Score-CAM masks of cls.pt (the maps `seeds
+    --method scorecam` writes, so the stage needs no other method listed) and removes them."""
+    from wsss.cams.scorecam import ScoreCAM
+    from wsss.steps.seeds import method_params
     from wsss.voc import VOCDataset
 
+    write_cls_checkpoint(params, tmp_path)
     voc = VOCDataset(Path(params.data_dir), "train")
-    folder = tmp_path / "outputs" / "seeds" / "scorecam"
-    rng = np.random.default_rng(0)
-    for id_ in voc.ids:
+    masks = train_recam.scorecam_masks(params, voc, "cpu")
+    model, _ = load_classifier(tmp_path / "outputs" / "checkpoints" / "cls.pt")
+    reference = ScoreCAM(model, method_params(params, "scorecam"))
+    for id_ in voc.ids[:2]:
+        z = np.load(Path(masks.name) / f"{id_}.npz")
         keys = np.flatnonzero(voc.labels(id_)).astype(np.int64)
-        h, w = voc.image_size(id_)
-        save_npz(folder / f"{id_}.npz", keys=keys, cams=rng.random((len(keys), h, w)).astype(np.float32))
-    data = train_recam.SeedMaskData(voc, params.cls_crop, params.seed)
+        assert z["keys"].tolist() == keys.tolist()
+        np.testing.assert_allclose(z["cams"], reference(voc.image(id_), keys.tolist()), atol=1e-5)
+    data = train_recam.SeedMaskData(voc, params.cls_crop, params.seed, folder=Path(masks.name))
     x, y, idx, maps = data[0]
     assert maps.shape == (20, 32, 32) and x.shape == (3, 32, 32)
     assert (maps.flatten(1).amax(1) > 0).tolist() == (y > 0).tolist()
+    masks.cleanup()
+
+    made = []
+    real = train_recam.scorecam_masks
+    monkeypatch.setattr(train_recam, "scorecam_masks", lambda *a: made.append(real(*a)) or made[-1])
     metrics = train_recam.run(params, "scorecam")
     assert metrics["steps"] == 2 and math.isfinite(metrics["loss_sce"])
+    assert not Path(made[0].name).exists()  # the temporary masks are gone
     assert read_metrics(tmp_path, "recam-scorecam")["steps"] == 2
     model, _ = load_classifier(tmp_path / "outputs" / "checkpoints" / "recam-scorecam.pt")
     assert model.recam_predictor is not None
@@ -409,3 +419,21 @@ def test_train_sipe_run_and_iscam(params, tmp_path):
     write_cls_checkpoint(params, tmp_path)
     plain, _ = msipe.load_any(tmp_path / "outputs" / "checkpoints" / "cls.pt")
     assert type(plain) is Classifier
+
+
+def test_train_step_of_a_method_without_training_writes_an_alias_of_cls(params, tmp_path):
+    """`train --method cam` (dvc stage train@cam): cam.pt names cls.pt, loads as the classifier
+    itself and carries its fingerprint; a method with training runs its declared step."""
+    from wsss.steps import train as train_step
+
+    write_cls_checkpoint(params, tmp_path)
+    metrics = train_step.run(params, "gradcam")
+    assert metrics == {"method": "gradcam", "trained": False, "checkpoint": "cls"}
+    alias = torch.load(tmp_path / "outputs" / "checkpoints" / "gradcam.pt", weights_only=True)
+    assert alias == {"alias": "cls", "fingerprint": "test"}
+    model, _ = load_classifier(tmp_path / "outputs" / "checkpoints" / "gradcam.pt")
+    cls_model, _ = load_classifier(tmp_path / "outputs" / "checkpoints" / "cls.pt")
+    for a, b in zip(model.state_dict().values(), cls_model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert train_step.run(params, "recam")["steps"] == 2  # the declared train_recam:run, variant cam
+    assert read_metrics(tmp_path, "recam")["steps"] == 2

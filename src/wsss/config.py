@@ -25,18 +25,9 @@ import yaml
 
 from .errors import UserError
 
-#: Every seed method the CLI knows, mapped to the checkpoint (under outputs/checkpoints/)
-#: its seeds are computed from. A method with its own training stage has its own file.
-METHOD_CHECKPOINTS: dict[str, str] = {
-    "cam": "cls",
-    "gradcam": "cls",
-    "gradcampp": "cls",
-    "scorecam": "cls",
-    "recam": "recam",
-    "recam-scorecam": "recam-scorecam",
-    "puzzlecam": "puzzlecam",
-    "sipe": "sipe",
-}
+#: method -> checkpoint its seeds read, from the one declaration of the methods (wsss.methods).
+from .methods import METHOD_CHECKPOINTS  # noqa: E402
+from .methods import validate as _validate_methods  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -85,7 +76,7 @@ class Params:
 
     # seeds
     # method -> checkpoint its seeds are read from (outputs/checkpoints/<name>.pt); the value
-    # is fixed per method (METHOD_CHECKPOINTS) and is spelled out only so dvc.yaml can use it.
+    # is fixed per method (wsss.methods) and is spelled out only so dvc.yaml can use it.
     methods: dict[str, str] = field(default_factory=lambda: dict(METHOD_CHECKPOINTS))
     cam_scales: list[float] = field(default_factory=lambda: [2.0, 2.5, 3.0])  # x the image side
     cam_flip: bool = True
@@ -200,17 +191,7 @@ class Params:
         unit("synth_body_tint", "synth_cooccur", "synth_context", "synth_occlusion", "threshold", "conf_fg", "conf_bg")
         if self.conf_bg > self.conf_fg:
             raise bad("conf_bg", f"must be <= conf_fg ({self.conf_bg} > {self.conf_fg})")
-        if not self.methods:
-            raise bad("methods", "must list at least one method")
-        for m, ckpt in self.methods.items():
-            if m not in METHOD_CHECKPOINTS:
-                raise bad("methods", f"has unknown method {m!r}; choose from {', '.join(METHOD_CHECKPOINTS)}")
-            if ckpt != METHOD_CHECKPOINTS[m]:
-                raise bad(f"methods.{m}", f"must be {METHOD_CHECKPOINTS[m]!r} (the checkpoint its seeds use), got {ckpt!r}")
-        if ("recam-scorecam" in self.methods and self.recam_scorecam_mask == "seeds"
-                and "scorecam" not in self.methods):
-            raise bad("methods", "lists recam-scorecam with recam_scorecam_mask: seeds, which reads the "
-                                 "scorecam seeds; add 'scorecam: cls' or set recam_scorecam_mask: online")
+        _validate_methods(self.methods, bad)
         for key in ("cam_scales", "scorecam_scales"):
             scales = getattr(self, key)
             if not scales or any(s <= 0 for s in scales):

@@ -1,8 +1,9 @@
 """Seed methods by name: ``get_method('gradcam', model, params)`` -> a :class:`CAMMethod`.
 
-Every name maps to a factory ``(model, params) -> CAMMethod``. The method of a name that
-has its own training stage (ReCAM, Puzzle-CAM, SIPE) differs from plain CAM in the
-checkpoint it is given (see ``wsss.config.METHOD_CHECKPOINTS``); at inference:
+Every method declared in :mod:`wsss.methods` maps to a factory ``(model, params) -> CAMMethod``
+built from its ``cam`` entry (``module:Class`` under ``wsss.cams``, imported on first use). A
+method with its own training stage (ReCAM, Puzzle-CAM, SIPE) differs from plain CAM in the
+checkpoint it is given; at inference:
 
 =================  ====================================================================
 cam                :class:`~wsss.cams.cam.CAM` (Zhou et al. 2016)
@@ -12,43 +13,29 @@ scorecam           :class:`~wsss.cams.scorecam.ScoreCAM` (Wang et al. 2020)
 recam              :class:`~wsss.cams.cam.ReCAM`: CAM with re-activated weights (Chen et al. 2022)
 recam-scorecam     ReCAM as well; its training uses Score-CAMs instead of CAMs as masks
 puzzlecam          plain CAM of the Puzzle-CAM-trained classifier (Jo & Yu 2021)
-sipe               ``wsss.cams.sipe.ISCAM`` (Chen et al. 2022), imported on first use
+sipe               ``wsss.cams.sipe.ISCAM`` (Chen et al. 2022)
 =================  ====================================================================
 
-Other modules add methods with :func:`register_method`.
+Other modules add methods at run time with :func:`register_method` (not in the pipeline).
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from enum import Enum
 
 from torch import nn
 
+from .. import methods as declared
 from ..config import Params
 from ..errors import UserError
 from .base import CAMMethod
-from .cam import CAM, ReCAM
-from .gradcam import GradCAM
-from .gradcampp import GradCAMPlusPlus
-from .scorecam import ScoreCAM
 
 Factory = Callable[[nn.Module, Params], CAMMethod]
 
-
-class Method(str, Enum):
-    CAM = "cam"
-    GRADCAM = "gradcam"
-    GRADCAMPP = "gradcampp"
-    SCORECAM = "scorecam"
-    RECAM = "recam"
-    RECAM_SCORECAM = "recam-scorecam"
-    PUZZLECAM = "puzzlecam"
-    SIPE = "sipe"
-
-    def __str__(self) -> str:
-        return self.value
+#: Every declared method name as a str Enum (``Method.RECAM_SCORECAM.value == "recam-scorecam"``).
+Method = declared.enum("Method")
+Method.__str__ = lambda self: self.value
 
 
 def _lazy(module: str, attr: str, method: str) -> Factory:
@@ -71,16 +58,7 @@ def _lazy(module: str, attr: str, method: str) -> Factory:
     return factory
 
 
-_REGISTRY: dict[str, Factory] = {
-    Method.CAM.value: CAM,
-    Method.GRADCAM.value: GradCAM,
-    Method.GRADCAMPP.value: GradCAMPlusPlus,
-    Method.SCORECAM.value: ScoreCAM,
-    Method.RECAM.value: ReCAM,
-    Method.RECAM_SCORECAM.value: ReCAM,
-    Method.PUZZLECAM.value: CAM,
-    Method.SIPE.value: _lazy("sipe", "ISCAM", "sipe"),
-}
+_REGISTRY: dict[str, Factory] = {m.name: _lazy(*m.cam.split(":"), m.name) for m in declared.METHODS}
 
 
 def register_method(name: str, factory: Factory) -> None:

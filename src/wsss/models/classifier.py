@@ -80,10 +80,25 @@ def read_checkpoint(path: str | Path) -> dict:
     fix = "delete it and retrain" if path.is_file() else "run its training stage first (e.g. `python cli.py train-cls`)"
     ckpt = load_torch(path, "checkpoint", fix)
     try:
+        if isinstance(ckpt.get("alias"), str):  # written by `train --method M` for a method without training
+            return read_checkpoint(path.with_name(f"{ckpt['alias']}.pt"))
         ckpt["spec"]["backbone"]
+    except UserError:
+        raise
     except Exception as e:
         raise UserError(f"{path}: not a valid checkpoint ({type(e).__name__}); delete it and retrain") from None
     return ckpt
+
+
+def write_alias(path: str | Path, target: str | Path) -> None:
+    """A checkpoint at ``path`` that :func:`read_checkpoint` reads as the one at ``target`` (same
+    folder); it holds the target's fingerprint, so it changes whenever the target does."""
+    from ..io import atomic_path
+
+    target = Path(target)
+    fingerprint = str(read_checkpoint(target).get("fingerprint"))
+    with atomic_path(Path(path), ".pt") as tmp:
+        torch.save({"alias": target.stem, "fingerprint": fingerprint}, tmp)
 
 
 def load_classifier(path: str | Path, device: torch.device | str = "cpu",

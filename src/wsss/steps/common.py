@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..config import METHOD_CHECKPOINTS, Params
+from .. import methods
+from ..config import Params
 from ..errors import UserError
 from ..paths import workspace_root
 
@@ -28,9 +29,7 @@ def checkpoint_path(name: str) -> Path:
 
 
 def method_checkpoint(method: str) -> Path:
-    if method not in METHOD_CHECKPOINTS:
-        raise UserError(f"unknown method {method!r}; choose from {', '.join(METHOD_CHECKPOINTS)}")
-    return checkpoint_path(METHOD_CHECKPOINTS[method])
+    return checkpoint_path(methods.get(method).checkpoint)
 
 
 def open_split(params: Params, split: str, validate: bool = True):

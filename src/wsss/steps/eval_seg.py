@@ -17,6 +17,7 @@ from contextlib import nullcontext
 import numpy as np
 from tqdm import tqdm
 
+from .. import methods
 from ..config import Params, resolve_device, seed_everything
 from ..crf import crf_postprocess
 from ..errors import UserError
@@ -27,7 +28,6 @@ from ..tracking import step_run
 from ..voc import LABEL_NAMES, NUM_LABELS, PALETTE
 from .common import checkpoint_path, open_split, out_dir, summary
 from .crf import pool_context, resolve_workers
-from .train_seg import check_method
 
 N_SAMPLES = 6
 
@@ -44,7 +44,7 @@ def _crf_job(job: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
 
 
 def run(params: Params, method: str) -> dict:
-    check_method(method)
+    methods.get(method, allow_gt=True)
     seed_everything(params.seed, params.threads)
     val = open_split(params, params.val_split)
     if not val.ids:

@@ -61,6 +61,7 @@ REPORTED = [
 
 
 def _read(*parts: str) -> dict:
+    """The metrics file outputs/metrics/<parts> ({} when missing)."""
     p = out_dir("metrics", *parts)
     return json.loads(p.read_text()) if p.is_file() else {}
 
@@ -69,7 +70,9 @@ def _ratio(a, b):
     return a / b if a is not None and b else None
 
 
-def collect(methods: list[str]) -> list[dict]:
+def collect(methods: list[str], read=_read) -> list[dict]:
+    """One row per method (and the upper bound) from the metrics files; ``read(*parts)`` gives
+    the dict of outputs/metrics/<parts> (by default from this run's outputs)."""
     rows = []
     for m in methods:
         scores = {k: _read(d, f"{m}.json") for k, d in STAGES}
@@ -224,16 +227,7 @@ def bar_chart(rows: list[dict], path: Path, spread: dict | None = None) -> None:
     plt.close(fig)
 
 
-def params_fingerprint(params: Params) -> str:
-    """Fingerprint of every param but ``methods``: ``spread`` reuses a finished run only when it
-    matches and the run covered every method asked for (each method's stages read cls.pt and
-    their own inputs only, so the other methods listed beside it do not change its rows)."""
-    from ..trainer import fingerprint
-
-    return fingerprint({k: v for k, v in params.to_dict().items() if k != "methods"})
-
-
-def run(params: Params, spread: dict | None = None, until: str = "seg") -> dict:
+def run(params: Params, spread: dict | None = None) -> dict:
     rows = collect(list(params.methods)) if not spread else spread_rows(spread)
     if spread:
         regime = {k: mean for k, (mean, _) in spread.get("regime", {}).items()}
@@ -242,8 +236,7 @@ def run(params: Params, spread: dict | None = None, until: str = "seg") -> dict:
     text = markdown(rows, params, spread, regime)
     write_text(out_dir("report.md"), text)
     bar_chart(rows, out_dir("report.png"), spread)
-    result = {"rows": rows, "regime": regime, "params_fingerprint": params_fingerprint(params), "until": until,
-              **({"spread": spread} if spread else {})}
+    result = {"rows": rows, "regime": regime, **({"spread": spread} if spread else {})}
     write_json(out_dir("metrics", "report.json"), result)
     with step_run("report", params) as tracker:
         tracker.log_table([{k: (v if v is not None else float("nan")) for k, v in r.items()} for r in rows],

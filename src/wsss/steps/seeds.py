@@ -36,6 +36,18 @@ def method_params(params: Params, method: str) -> Params:
     return params
 
 
+def write_seeds(cam, voc, dest, desc: str) -> int:
+    """One ``<id>.npz`` per image of ``voc`` into ``dest``: the maps of ``cam`` for its present
+    classes; returns the number of maps."""
+    n_maps = 0
+    for id_ in tqdm(voc.ids, desc=desc, dynamic_ncols=True, leave=False):
+        keys = np.flatnonzero(voc.labels(id_) > 0).astype(np.int64)
+        maps = cam(voc.image(id_), keys.tolist()).astype(np.float32)
+        save_npz(dest / f"{id_}.npz", keys=keys, cams=maps)
+        n_maps += len(keys)
+    return n_maps
+
+
 def run(params: Params, method: str) -> dict:
     from ..cams.registry import get_method
 
@@ -45,13 +57,8 @@ def run(params: Params, method: str) -> dict:
     model = load_model(method, device)
     cam = get_method(method, model, method_params(params, method))
     start = time.perf_counter()
-    n_maps = 0
     with step_run("seeds", params, method=method) as tracker, atomic_dir(out_dir("seeds", method)) as tmp:
-        for id_ in tqdm(voc.ids, desc=f"seeds {method}", dynamic_ncols=True, leave=False):
-            keys = np.flatnonzero(voc.labels(id_) > 0).astype(np.int64)
-            maps = cam(voc.image(id_), keys.tolist()).astype(np.float32)
-            save_npz(tmp / f"{id_}.npz", keys=keys, cams=maps)
-            n_maps += len(keys)
+        n_maps = write_seeds(cam, voc, tmp, f"seeds {method}")
         seconds = time.perf_counter() - start
         tracker.log_metrics({"n_images": len(voc.ids), "n_maps": n_maps,
                              "seconds": seconds, "seconds_per_image": seconds / max(len(voc.ids), 1)})

@@ -21,9 +21,9 @@ Masks m_bc:
 * variant ``scorecam`` (``recam-scorecam.pt``): a Score-CAM (Wang et al., CVPRW 2020), from
   the source named by ``recam_scorecam_mask``:
 
-  - ``seeds`` (default): the Score-CAMs that ``python cli.py seeds --method scorecam``
-    wrote for each training image (``outputs/seeds/scorecam/<id>.npz``, computed from
-    ``cls.pt``), cropped/flipped/rescaled together with the image and average-pooled to the
+  - ``seeds`` (default): the Score-CAMs of ``cls.pt`` for each training image, the maps
+    ``python cli.py seeds --method scorecam`` writes, made by this stage into a temporary
+    folder (:func:`scorecam_masks`) so that it reads no other method's outputs, cropped/flipped/rescaled together with the image and average-pooled to the
     feature size. ReCAM trains at a small learning rate for few epochs, so the classifier
     barely moves from ``cls.pt`` and the Score-CAM of the start checkpoint is a close
     stand-in for a per-step Score-CAM, at no extra cost per step (a per-step Score-CAM is
@@ -40,6 +40,8 @@ Writes ``outputs/checkpoints/<name>.pt`` and ``outputs/metrics/train_<name>.json
 from __future__ import annotations
 
 import copy
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -59,6 +61,9 @@ VARIANTS = ("cam", "scorecam")
 TRAINING_KEYS = ("seed", "dataset", "data_dir", "recam_split", "subset", "recam_epochs", "recam_lr",
                  "recam_lambda", "cls_batch_size", "cls_weight_decay", "cls_crop", "max_steps")
 SCORECAM_KEYS = ("scorecam_chunk", "scorecam_variant", "scorecam_baseline", "scorecam_score")
+#: what shapes the Score-CAM masks of recam_scorecam_mask: seeds (see :func:`scorecam_masks`)
+SEED_MASK_KEYS = ("scorecam_chunk", "scorecam_variant", "scorecam_baseline", "scorecam_score", "scorecam_scales",
+                  "scorecam_flip", "cam_batch_size")
 EPS = 1e-5
 
 
@@ -143,6 +148,26 @@ def seeds_folder():
     return out_dir("seeds", "scorecam")
 
 
+def scorecam_masks(params: Params, voc, device) -> tempfile.TemporaryDirectory:
+    """The Score-CAMs of ``cls.pt`` for every image of ``voc`` (the ``recam_split``), written as
+    seed files into a temporary folder (removed by the caller): the same maps as ``seeds
+    --method scorecam`` (same method, params and checkpoint), made here so that this stage
+    reads no other method's outputs and runs whether or not ``scorecam`` is listed."""
+    from ..cams.registry import get_method
+    from ..models.classifier import load_classifier
+    from .seeds import method_params, write_seeds
+
+    model, _ = load_classifier(checkpoint_path("cls"), device)
+    cam = get_method("scorecam", model, method_params(params, "scorecam"))
+    tmp = tempfile.TemporaryDirectory(prefix="recam-scorecam-masks-")
+    try:
+        write_seeds(cam, voc, Path(tmp.name), "Score-CAM masks")
+    except BaseException:
+        tmp.cleanup()
+        raise
+    return tmp
+
+
 class SeedMaskData(ClassificationData):
     """:class:`~wsss.datasets.ClassificationData` plus per-image Score-CAM masks from the seeds
     stage: yields (image, label, idx, maps (K, crop, crop) float32 in [0, 1])."""
@@ -217,21 +242,30 @@ def run(params: Params, variant: str = "cam") -> dict:
         model.add_recam_predictor()
     train = open_split(params, params.recam_split)
     val = open_split(params, params.val_split)
+    masks_dir = None
     if variant == "scorecam" and source == "seeds":
-        data = SeedMaskData(train, params.cls_crop, params.seed)
+        masks_dir = scorecam_masks(params, train, device)
+        data = SeedMaskData(train, params.cls_crop, params.seed, folder=Path(masks_dir.name))
     else:
         data = ClassificationData(train, params.cls_crop, params.seed)
     keys = {k: getattr(params, k) for k in TRAINING_KEYS}
     if variant == "scorecam":
         keys["recam_scorecam_mask"] = source
-        if source == "online":
-            keys.update({k: getattr(params, k) for k in SCORECAM_KEYS})
+        keys.update({k: getattr(params, k) for k in (SCORECAM_KEYS if source == "online" else SEED_MASK_KEYS)})
     keys["variant"] = variant
     keys["init"] = cls_ckpt.get("fingerprint")  # a retrained cls.pt invalidates a resume file
+
+    try:
+        return _train(params, variant, source, model, data, val, keys, device, name, stage, train)
+    finally:
+        if masks_dir is not None:
+            masks_dir.cleanup()
+
+
+def _train(params, variant, source, model, data, val, keys, device, name, stage, train) -> dict:
     spec = LoopSpec(name, params.recam_epochs, params.recam_lr, params.cls_batch_size,
                     params.cls_weight_decay, params.max_steps, keys)
     step_fn = make_step_fn(params, variant, source)
-
     with step_run("train-recam", params, method=name) as tracker:
         logs = train_loop(spec, model, data, step_fn, out_dir("checkpoints"), device, tracker, params.seed,
                           new_prefixes=("recam_predictor",),

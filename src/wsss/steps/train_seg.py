@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import METHOD_CHECKPOINTS, Params, resolve_device, seed_everything
+from .. import methods
+from ..config import Params, resolve_device, seed_everything
 from ..datasets import SegmentationData
 from ..errors import UserError
 from ..io import write_json
@@ -36,7 +37,7 @@ from ..trainer import LoopSpec, planned_schedule, train_loop
 from ..voc import NUM_LABELS, VOID
 from .common import open_split, out_dir, summary
 
-GT = "gt"
+GT = methods.GT
 TRAINING_KEYS = ("seed", "dataset", "data_dir", "subset", "seg_backbone", "output_stride", "pretrained",
                  "seg_decoder", "seg_epochs", "seg_batch_size", "seg_lr", "seg_crop", "seg_weight_decay",
                  "max_steps")
@@ -45,8 +46,7 @@ VAL_QUICK = 100
 
 
 def check_method(method: str) -> None:
-    if method != GT and method not in METHOD_CHECKPOINTS:
-        raise UserError(f"unknown method {method!r}; choose from gt, {', '.join(METHOD_CHECKPOINTS)}")
+    methods.get(method, allow_gt=True)
 
 
 def _mask_fingerprint(mask_dir) -> str:

@@ -1,0 +1,128 @@
+"""``python cli.py spread``: the pipeline once per random seed, as DVC experiments, and the
+mean ± std of every method's scores (outputs/spread/report.md, report.png, report.json).
+
+The runs are DVC's own: ``dvc exp run --queue -S seed=0,1,2`` queues one experiment per seed
+(``-S ~methods.M`` drops the methods not asked for), ``dvc exp run --run-all --jobs 1`` runs the
+queue with one worker (every stage logs to the one sqlite MLflow store, which takes one writer at
+a time) and waits for it, and the scores are read back from ``dvc exp show --json``, so the same
+experiments show in ``dvc exp show`` and in MLflow (``dvc.exp_name``). A seed whose stages ran
+before with the same params and code is restored from DVC's run cache instead of rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .config import Params, load_params
+from .errors import UserError
+
+#: last stage per method -> the dvc.yaml targets that reach it
+TARGETS = {"seeds": ["eval-seeds"], "crf": ["eval-seeds", "crf"], "seg": ["report"]}
+METRICS = "outputs/metrics/"
+
+
+def _dvc() -> str:
+    exe = Path(sys.executable).with_name("dvc")
+    return str(exe) if exe.exists() else "dvc"
+
+
+def _call(args: list[str], cwd: Path, stdout_only: bool = False) -> str:
+    try:
+        out = subprocess.run([_dvc(), *args], cwd=cwd, capture_output=True, text=True)
+    except OSError as e:
+        raise UserError(f"cannot run dvc ({e.strerror}); install the requirements (bash run.sh --install-only)") from None
+    if out.returncode != 0:
+        last = (out.stderr.strip() or out.stdout.strip() or "no output").splitlines()[-1]
+        raise UserError(f"`dvc {' '.join(args)}` failed: {last}")
+    return out.stdout if stdout_only else out.stdout + out.stderr
+
+
+def queue_args(seeds: list[int], drop: list[str], until: str) -> list[str]:
+    args = ["exp", "run", "--queue", "-S", "seed=" + ",".join(str(s) for s in seeds)]
+    for m in drop:
+        args += ["-S", f"~methods.{m}"]
+    return args + TARGETS[until]
+
+
+def queued_names(log: str) -> list[str]:
+    """Names from dvc's "Queued experiment 'NAME' for future execution." lines."""
+    return [line.split("'")[1] for line in log.splitlines() if line.startswith("Queued experiment '")]
+
+
+def results(show: list, names: list[str]) -> dict[str, dict]:
+    """name -> {"params": params.yaml values, "metrics": {path under outputs/metrics: dict}} of
+    the experiments ``names`` in ``dvc exp show --json`` output."""
+    found = {}
+
+    def visit(node):
+        if isinstance(node, dict):
+            if node.get("name") in names and isinstance(node.get("data"), dict):
+                data = node["data"]
+                params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
+                metrics = {path.removeprefix(METRICS): (m or {}).get("data") or {}
+                           for path, m in (data.get("metrics") or {}).items()}
+                found[node["name"]] = {"params": params, "metrics": metrics}
+            for v in node.values():
+                visit(v)
+        elif isinstance(node, list):
+            for v in node:
+                visit(v)
+
+    visit(show)
+    return found
+
+
+#: last stage -> the metrics an experiment ran up to it made itself; the others in its commit
+#: are the baseline's (dvc restores every tracked output), from another seed: never read them
+FRESH = {"seeds": ("train_cls.json", "eval_seeds/"), "crf": ("train_cls.json", "eval_seeds/", "crf/"),
+         "seg": ("",)}
+
+
+def rows_of(run: dict, methods: list[str], until: str = "seg") -> tuple[list[dict], dict]:
+    """The report rows and regime of one experiment, from the metrics it made."""
+    from .steps import report
+
+    metrics = {k: v for k, v in run["metrics"].items() if k.startswith(FRESH[until])}
+    rows = report.collect(methods, read=lambda *parts: metrics.get("/".join(parts), {}))
+    saved = metrics.get("report.json", {})
+    regime = saved.get("regime") or report.regime_values(rows, metrics.get("train_cls.json", {}).get("val_map"))
+    return rows, regime
+
+
+def spread(params: Params, seeds: list[int], until: str = "seg", root: Path | None = None) -> dict:
+    """Queue, run and aggregate one experiment per seed; writes outputs/spread/."""
+    from .paths import workspace_root
+    from .steps import report
+    from .steps.common import out_dir
+
+    root = root or workspace_root()
+    listed = list(params.methods)
+    drop = [m for m in load_params(root / "params.yaml").methods if m not in listed]
+    names = queued_names(_call(queue_args(seeds, drop, until), root))
+    if len(names) != len(seeds):
+        raise UserError(f"dvc queued {len(names)} experiments for {len(seeds)} seeds; see `dvc queue status`")
+    print(f"[spread] queued {', '.join(names)}; running them with one worker", flush=True)
+    _call(["exp", "run", "--run-all", "--jobs", "1"], root)
+    found = results(json.loads(_call(["exp", "show", "--json"], root, stdout_only=True).strip() or "[]"), names)
+    failed = [n for n in names if n not in found]
+    if failed:
+        raise UserError(f"experiment {failed[0]} left no results; see `dvc queue logs {failed[0]}`")
+    per_seed, regimes = {}, {}
+    for name in names:
+        seed = int(found[name]["params"].get("seed"))
+        per_seed[seed], regimes[seed] = rows_of(found[name], listed, until)
+    agg = report.aggregate(per_seed, regimes)
+    old = os.environ.get("WSSS_OUTPUTS")
+    os.environ["WSSS_OUTPUTS"] = str(out_dir("spread"))
+    try:
+        report.run(params, spread=agg)
+    finally:
+        if old is None:
+            os.environ.pop("WSSS_OUTPUTS", None)
+        else:
+            os.environ["WSSS_OUTPUTS"] = old
+    return agg
