@@ -75,13 +75,13 @@ def collect(methods: list[str], read=_read) -> list[dict]:
     the dict of outputs/metrics/<parts> (by default from this run's outputs)."""
     rows = []
     for m in methods:
-        scores = {k: _read(d, f"{m}.json") for k, d in STAGES}
+        scores = {k: read(d, f"{m}.json") for k, d in STAGES}
         seed_scores = scores["seed"]
         roles = {k: seed_scores.get(k) for k in ROLE_KEYS}
         roles["part_body"] = _ratio(seed_scores.get("part_recall"), seed_scores.get("body_recall"))
         rows.append({"method": m, **{k: v.get("miou") for k, v in scores.items()},
                      ORACLE: seed_scores.get("best_miou"), **roles})
-    gt = _read("eval_seg", "gt.json").get("miou")
+    gt = read("eval_seg", "gt.json").get("miou")
     if gt is not None:
         rows.append({"method": "upper bound (seg on GT masks)", "seed": None, "mask": None, "seg": gt,
                      ORACLE: None, **dict.fromkeys(ROLE_KEYS)})
