@@ -89,10 +89,11 @@ def test_spread_queues_runs_and_reads_dvc_experiments(tmp_path, monkeypatch):
         return json.dumps(SHOW) if args[:2] == ["exp", "show"] else ""
 
     monkeypatch.setattr(spread, "_call", fake)
+    monkeypatch.setattr(spread, "baseline_commit", lambda root: "abc123")
     agg = spread.spread(Params(methods={"cam": "cls"}), [0, 1], until="crf", root=tmp_path)
     assert calls[0] == ["exp", "run", "--queue", "-S", "seed=0,1", "-S", "~methods.gradcam", "eval-seeds", "crf"]
     assert calls[1] == ["exp", "run", "--run-all", "--jobs", "1"]
-    assert calls[2] == ["exp", "show", "--json"]
+    assert calls[2] == ["exp", "show", "--json", "--rev", "abc123"]  # the queued runs' commit, not HEAD
     assert agg["seeds"] == [0, 1]
     assert agg["methods"]["cam"]["seed"] == (pytest.approx(0.3), pytest.approx(0.1))
     assert agg["methods"]["cam"]["mask"] == (pytest.approx(0.4), pytest.approx(0.1))

@@ -93,6 +93,12 @@ def rows_of(run: dict, methods: list[str], until: str = "seg") -> tuple[list[dic
     return rows, regime
 
 
+def baseline_commit(root: Path) -> str | None:
+    """The commit the queued experiments derive from (``None`` outside a git repository)."""
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
 def spread(params: Params, seeds: list[int], until: str = "seg", root: Path | None = None) -> dict:
     """Queue, run and aggregate one experiment per seed; writes outputs/spread/."""
     from .paths import workspace_root
@@ -102,12 +108,16 @@ def spread(params: Params, seeds: list[int], until: str = "seg", root: Path | No
     root = root or workspace_root()
     listed = list(params.methods)
     drop = [m for m in load_params(root / "params.yaml").methods if m not in listed]
+    # `dvc exp show` lists only the experiments of HEAD: a commit made while the queue runs would
+    # hide them, so results are read from the commit they were queued on
+    base = baseline_commit(root)
     names = queued_names(_call(queue_args(seeds, drop, until), root))
     if len(names) != len(seeds):
         raise UserError(f"dvc queued {len(names)} experiments for {len(seeds)} seeds; see `dvc queue status`")
     print(f"[spread] queued {', '.join(names)}; running them with one worker", flush=True)
     _call(["exp", "run", "--run-all", "--jobs", "1"], root)
-    found = results(json.loads(_call(["exp", "show", "--json"], root, stdout_only=True).strip() or "[]"), names)
+    show = ["exp", "show", "--json"] + (["--rev", base] if base else [])
+    found = results(json.loads(_call(show, root, stdout_only=True).strip() or "[]"), names)
     failed = [n for n in names if n not in found]
     if failed:
         raise UserError(f"experiment {failed[0]} left no results; see `dvc queue logs {failed[0]}`")
