@@ -45,10 +45,6 @@ TRAINING_KEYS = ("seed", "dataset", "data_dir", "subset", "seg_backbone", "outpu
 VAL_QUICK = 100
 
 
-def check_method(method: str) -> None:
-    methods.get(method, allow_gt=True)
-
-
 def _mask_fingerprint(mask_dir) -> str:
     """Names, sizes and mtimes of the pseudo-masks: a resume never mixes two sets of masks."""
     h = hashlib.sha1()
@@ -101,7 +97,7 @@ def init_from_classifier(model, params: Params) -> str:
 
 
 def run(params: Params, method: str) -> dict:
-    check_method(method)
+    methods.get(method, allow_gt=True)  # one clear error for an unknown method
     seed_everything(params.seed, params.threads)
     device = resolve_device(params.device)
     keys = {k: getattr(params, k) for k in TRAINING_KEYS}
