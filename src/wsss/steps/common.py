@@ -46,8 +46,11 @@ def open_split(params: Params, split: str, validate: bool = True):
 
 
 def summary(step: str, text: str) -> None:
-    """The one-line summary every step ends with."""
-    print(f"[{step}] {text}", flush=True)
+    """The one-line summary every step ends with (rank 0's, under torchrun)."""
+    from ..distributed import is_main
+
+    if is_main():
+        print(f"[{step}] {text}", flush=True)
 
 
 def read_seed(path: Path, method: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
