@@ -20,6 +20,7 @@ print one line and exit with status 2.
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -356,6 +357,32 @@ def bench_scorecam(images: int = typer.Option(4), size: int = typer.Option(96),
     if out is not None:
         write_json(out, result)
     typer.echo(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+
+
+@bench_app.command("train")
+@friendly
+def bench_train(mode: str = typer.Option("cpu", help="cpu: 2 DDP processes x 1 thread vs 1 process x 2 threads; "
+                                                      "gpu: fp32 vs AMP + channels_last, and Score-CAM s/image"),
+                backbone: Optional[str] = typer.Option(None, help="default: resnet18 (cpu), resnet50 (gpu)"),
+                size: Optional[int] = typer.Option(None, help="image side; default: 96 (cpu), 512 (gpu)"),
+                batch: int = typer.Option(16, help="global batch"), steps: int = typer.Option(0, help="timed steps"),
+                out: Optional[Path] = typer.Option(None, help="JSON (default outputs/bench/train-<mode>.json)")):
+    """Training throughput and memory as ratios of two configurations in one run (benchmarks/README.md)."""
+    from wsss import bench_train as bt
+    from wsss.io import write_json
+
+    if mode == "cpu":
+        result = bt.run_cpu(backbone or "resnet18", size or 96, batch, steps or 30)
+    elif mode == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("bench train --mode gpu: no GPU is visible; use --mode cpu")
+        result = bt.run_gpu(backbone or "resnet50", size or 512, batch, steps or 20)
+    else:
+        raise UserError(f"bench train: --mode must be cpu or gpu (got {mode!r})")
+    write_json(out or Path(f"outputs/bench/train-{mode}.json"), result)
+    typer.echo(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -183,6 +183,9 @@ class Params:
                  "cls_batch_size", "cls_lr", "cls_crop", "cam_batch_size", "scorecam_chunk",
                  "recam_epochs", "recam_lr", "puzzle_epochs", "puzzle_lr", "sipe_epochs",
                  "sipe_lr", "seg_epochs", "seg_batch_size", "seg_lr", "seg_crop")
+        for k in ("cls_batch_size", "seg_batch_size"):  # each rank reads an equal share of a batch
+            if self.nproc > 1 and getattr(self, k) % self.nproc:
+                raise bad(k, f"must be a multiple of nproc ({self.nproc}), got {getattr(self, k)}")
         if self.synth_size < 32:
             raise bad("synth_size", f"must be >= 32 (got {self.synth_size})")
         for k in ("num_workers", "threads", "subset", "crf_iters", "synth_n_extra", "max_steps", "synth_void_width",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence, TypeVar
 
@@ -62,10 +63,27 @@ def init(device: str) -> None:
     key's value: nccl when it resolves to CUDA, gloo otherwise."""
     if not launched() or active():
         return
+    _die_with_launcher()
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         torch.cuda.set_device(local_rank())
     dist.init_process_group("nccl" if use_cuda else "gloo")
+
+
+def _die_with_launcher() -> None:
+    """torchrun starts each worker in a session of its own, so a ``kill -9`` of the launcher
+    (a user, DVC, the OOM killer) would leave the workers training on as orphans, racing the
+    rerun for the checkpoints. On Linux ask the kernel to kill this worker when its launcher dies
+    (prctl PR_SET_PDEATHSIG)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the launcher died before the request took effect
+        os._exit(1)
 
 
 def shutdown() -> None:
@@ -135,6 +153,15 @@ def sum_over_ranks(value):
     for p in parts[1:]:
         total = total + p
     return total
+
+
+def sum_all_ranks(value: float) -> float:
+    """The sum of a number over the ranks, on every rank."""
+    if not active():
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item())
 
 
 def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:

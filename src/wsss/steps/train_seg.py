@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import methods
+from .. import distributed, methods
 from ..config import Params, resolve_device, seed_everything
 from ..datasets import SegmentationData
 from ..errors import UserError
@@ -134,7 +134,13 @@ def run(params: Params, method: str) -> dict:
     def step_fn(m, batch, step):
         x, y = batch
         logits = m(x)
-        if bool((y != VOID).any()):
+        if distributed.world_size() > 1:
+            # each rank holds part of the batch: normalise by the whole batch's labelled pixels
+            # (their mean per rank, as DDP averages the gradients), so that 2 x B/2 computes the
+            # loss of 1 x B, not a mean of two differently weighted means
+            labelled = distributed.sum_all_ranks(float((y != VOID).sum())) / distributed.world_size()
+            loss = F.cross_entropy(logits, y, ignore_index=VOID, reduction="sum") / max(labelled, 1.0)
+        elif bool((y != VOID).any()):
             loss = F.cross_entropy(logits, y, ignore_index=VOID)
         else:  # a batch of crops with no labelled pixel: no gradient, but no NaN either
             loss = logits.sum() * 0.0
