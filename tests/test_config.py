@@ -133,6 +133,8 @@ def test_voc_preset_spells_every_key_of_params_yaml_and_loads():
     """params-voc.yaml (the IRN / ReCAM recipe on GPUs) replaces params.yaml whole (`cp
     params-voc.yaml params.yaml`; DVC reads every key a stage lists), so it must carry the same
     keys in the same order and be valid; and it must differ where the recipe does."""
+    import yaml
+
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     voc = yaml.safe_load((REPO / "params-voc.yaml").read_text())
     assert list(voc) == list(raw)
