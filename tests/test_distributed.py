@@ -167,6 +167,7 @@ def test_a_killed_two_process_run_resumes_with_the_same_bits(world):
     while any(_alive(w) for w in workers) and time.time() < deadline:
         time.sleep(0.05)
     assert not any(_alive(w) for w in workers), "workers outlived their killed launcher"
+    assert resume.exists(), "the killed run's workers finished on their own: they outlived their launcher"
     res = _cli(world, "train-cls", **changes)
     assert "resuming from epoch" in res.stdout, res.stdout
     a, b = _weights(reference), _weights(world / "outputs/checkpoints/cls.pt")
