@@ -274,7 +274,7 @@ def _train(params, variant, source, model, data, val, keys, device, name, stage,
                     params.cls_weight_decay, params.max_steps, keys,
                     batch_key="cls_batch_size", sync_bn=params.sync_bn, cuda_amp=params.cuda_amp)
     step_fn = make_step_fn(params, variant, source)
-    with step_run("train-recam", params, method=name) as tracker:
+    with step_run("train", params, method=name) as tracker:
         logs = train_loop(spec, model, data, step_fn, out_dir("checkpoints"), device, tracker, params.seed,
                           new_prefixes=("recam_predictor",),
                           epoch_end=lambda m, e: classification_scores(m, val, device))
