@@ -20,6 +20,7 @@ print one line and exit with status 2.
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -66,7 +67,10 @@ def friendly(fn):
             return fn(*args, **kwargs)
         except UserError as e:
             _clear_progress_bars()
-            typer.echo(f"error: {e}", err=True)
+            from wsss.distributed import is_main
+
+            if is_main():  # under torchrun every rank meets the same error: say it once
+                typer.echo(f"error: {e}", err=True)
             raise typer.Exit(UserError.exit_code)
         except KeyboardInterrupt:
             _clear_progress_bars()
@@ -78,6 +82,41 @@ def friendly(fn):
 
 def _params(path: Path):
     return load_params(path)
+
+
+def _step_params(path: Path):
+    """Params of a step that can run on several processes (training, seeds, eval-seg). With
+    ``nproc`` > 1 and not yet under torchrun, start this same command under torchrun on
+    ``nproc`` local processes and exit with its status; under torchrun, join the process group."""
+    from wsss import distributed
+
+    p = _params(path)
+    args = distributed.torchrun_args(p.nproc, sys.argv)
+    if args is not None:
+        _torchrun(args, p.nproc)
+    distributed.init(p.device)
+    import atexit
+
+    atexit.register(distributed.shutdown)
+    return p
+
+
+def _torchrun(args: list[str], nproc: int) -> None:
+    """torch.distributed.run in this process: a failed rank becomes one error line (its own
+    message is above it) and exit status 2, not the launcher's traceback."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    try:
+        run(parse_args(args))
+    except ChildFailedError as e:
+        codes = sorted({f.exitcode for f in e.failures.values()})
+        raise UserError(f"{len(e.failures)} of {nproc} torchrun processes failed (exit status "
+                        f"{', '.join(map(str, codes))}); their messages are above") from None
+    raise typer.Exit(0)
 
 
 # ------------------------------------------------------------------------------------ data
@@ -150,7 +189,7 @@ def train_cls(params: Path = ParamsOpt):
     """Train the multi-label classifier (outputs/checkpoints/cls.pt)."""
     from wsss.steps import train_cls as step
 
-    step.run(_params(params))
+    step.run(_step_params(params))
 
 
 @app.command("train")
@@ -160,7 +199,7 @@ def train(method: Method = typer.Option(..., help="the method whose checkpoint t
     stage (ReCAM, Puzzle-CAM, SIPE, ...) or, for a method without one, an alias of cls.pt."""
     from wsss.steps import train as step
 
-    step.run(_params(params), method.value)
+    step.run(_step_params(params), method.value)
 
 
 @app.command("seeds")
@@ -169,7 +208,7 @@ def seeds(method: Method = typer.Option(..., help="seed method"), params: Path =
     """Seeds (normalised CAMs of present classes) for every image of seed_split."""
     from wsss.steps import seeds as step
 
-    step.run(_params(params), method.value)
+    step.run(_step_params(params), method.value)
 
 
 @app.command("eval-seeds")
@@ -197,7 +236,7 @@ def train_seg(method: SegSource = typer.Option(..., help="pseudo-masks of this m
     """Train the DeepLab network on a method's pseudo-masks (or ground truth: upper bound)."""
     from wsss.steps import train_seg as step
 
-    step.run(_params(params), method.value)
+    step.run(_step_params(params), method.value)
 
 
 @app.command("eval-seg")
@@ -206,7 +245,7 @@ def eval_seg(method: SegSource = typer.Option(...), params: Path = ParamsOpt):
     """Segmentation mIoU on val_split (optional dense-CRF post-processing)."""
     from wsss.steps import eval_seg as step
 
-    step.run(_params(params), method.value)
+    step.run(_step_params(params), method.value)
 
 
 @app.command("report")
@@ -318,6 +357,32 @@ def bench_scorecam(images: int = typer.Option(4), size: int = typer.Option(96),
     if out is not None:
         write_json(out, result)
     typer.echo(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+
+
+@bench_app.command("train")
+@friendly
+def bench_train(mode: str = typer.Option("cpu", help="cpu: 2 DDP processes x 1 thread vs 1 process x 2 threads; "
+                                                      "gpu: fp32 vs AMP + channels_last, and Score-CAM s/image"),
+                backbone: Optional[str] = typer.Option(None, help="default: resnet18 (cpu), resnet50 (gpu)"),
+                size: Optional[int] = typer.Option(None, help="image side; default: 96 (cpu), 512 (gpu)"),
+                batch: int = typer.Option(16, help="global batch"), steps: int = typer.Option(0, help="timed steps"),
+                out: Optional[Path] = typer.Option(None, help="JSON (default outputs/bench/train-<mode>.json)")):
+    """Training throughput and memory as ratios of two configurations in one run (benchmarks/README.md)."""
+    from wsss import bench_train as bt
+    from wsss.io import write_json
+
+    if mode == "cpu":
+        result = bt.run_cpu(backbone or "resnet18", size or 96, batch, steps or 30)
+    elif mode == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("bench train --mode gpu: no GPU is visible; use --mode cpu")
+        result = bt.run_gpu(backbone or "resnet50", size or 512, batch, steps or 20)
+    else:
+        raise UserError(f"bench train: --mode must be cpu or gpu (got {mode!r})")
+    write_json(out or Path(f"outputs/bench/train-{mode}.json"), result)
+    typer.echo(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

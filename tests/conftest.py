@@ -9,6 +9,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped where none is visible (tests/test_gpu.py)")
+
+
 def isolate_outputs(monkeypatch, root: Path) -> Path:
     """Point the workspace (data/, outputs/) at ``root`` with MLflow off, as a stage run there
     would see it; returns ``root``."""

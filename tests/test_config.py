@@ -127,3 +127,18 @@ def test_recam_scorecam_alone_is_valid():
     """train@recam-scorecam makes its own Score-CAM masks: it needs no scorecam listed."""
     assert params_from_dict({"methods": {"recam-scorecam": "recam-scorecam"}}).methods == {
         "recam-scorecam": "recam-scorecam"}
+
+
+def test_voc_preset_spells_every_key_of_params_yaml_and_loads():
+    """params-voc.yaml (the IRN / ReCAM recipe on GPUs) replaces params.yaml whole (`cp
+    params-voc.yaml params.yaml`; DVC reads every key a stage lists), so it must carry the same
+    keys in the same order and be valid; and it must differ where the recipe does."""
+    import yaml
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    voc = yaml.safe_load((REPO / "params-voc.yaml").read_text())
+    assert list(voc) == list(raw)
+    p = load_params(REPO / "params-voc.yaml")
+    assert (p.dataset, p.backbone, p.output_stride, p.cls_crop, p.cls_batch_size, p.cls_lr) == \
+        ("voc", "resnet50", 16, 512, 16, 0.1)
+    assert p.cam_scales == [1.0, 0.5, 1.5, 2.0] and p.cam_flip and p.device == "auto"

@@ -146,3 +146,20 @@ def test_only_listed_methods_have_stages_and_cam_alone_reproduces(micro_repo):
     ran = {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")}
     assert ran <= {"train@cam", "report"}  # everything else of cam is unchanged
     assert "| cam |" in (root / "outputs/report.md").read_text()
+
+
+def test_exp_run_nproc_starts_the_training_stage_under_torchrun(micro_repo):
+    """`dvc exp run -S nproc=2` (issue 12): the unchanged dvc.yaml command starts torchrun with
+    2 gloo processes; rank 0 alone prints, writes the metrics and logs the MLflow run."""
+    import mlflow
+
+    root, env, _ = micro_repo
+    _run(["git", "add", "-A"], root, env)
+    _run(["git", "commit", "-qm", "lock", "--allow-empty"], root, env)
+    log = _run(["dvc", "exp", "run", "-n", "twoproc", "train-cls", "-S", "nproc=2", "-S", "threads=1",
+                "-S", "cls_batch_size=2", "-S", "seg_batch_size=2"], root, env)
+    assert log.count("[train-cls]") == 1, log
+    assert json.loads((root / "outputs/metrics/train_cls.json").read_text())["steps"] == 6  # train_aug: 6 + 6 images / batch 2
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["wsss"], filter_string="tags.`dvc.exp_name` = 'twoproc'")
+    assert list(runs["tags.dvc.stage"]) == ["train-cls"] and set(runs["params.nproc"]) == {"2"}

@@ -242,15 +242,16 @@ def test_train_recam_scorecam_seeds(params, tmp_path, monkeypatch):
 
     write_cls_checkpoint(params, tmp_path)
     voc = VOCDataset(Path(params.data_dir), "train")
-    masks = train_recam.scorecam_masks(params, voc, "cpu")
+    masks, folder = train_recam.scorecam_masks(params, voc, "cpu")
+    assert Path(masks.name) == folder
     model, _ = load_classifier(tmp_path / "outputs" / "checkpoints" / "cls.pt")
     reference = ScoreCAM(model, method_params(params, "scorecam"))
     for id_ in voc.ids[:2]:
-        z = np.load(Path(masks.name) / f"{id_}.npz")
+        z = np.load(folder / f"{id_}.npz")
         keys = np.flatnonzero(voc.labels(id_)).astype(np.int64)
         assert z["keys"].tolist() == keys.tolist()
         np.testing.assert_allclose(z["cams"], reference(voc.image(id_), keys.tolist()), atol=1e-5)
-    data = train_recam.SeedMaskData(voc, params.cls_crop, params.seed, folder=Path(masks.name))
+    data = train_recam.SeedMaskData(voc, params.cls_crop, params.seed, folder=folder)
     x, y, idx, maps = data[0]
     assert maps.shape == (20, 32, 32) and x.shape == (3, 32, 32)
     assert (maps.flatten(1).amax(1) > 0).tolist() == (y > 0).tolist()
@@ -261,7 +262,7 @@ def test_train_recam_scorecam_seeds(params, tmp_path, monkeypatch):
     monkeypatch.setattr(train_recam, "scorecam_masks", lambda *a: made.append(real(*a)) or made[-1])
     metrics = train_recam.run(params, "scorecam")
     assert metrics["steps"] == 2 and math.isfinite(metrics["loss_sce"])
-    assert not Path(made[0].name).exists()  # the temporary masks are gone
+    assert not made[0][1].exists()  # the temporary masks are gone
     assert read_metrics(tmp_path, "recam-scorecam")["steps"] == 2
     model, _ = load_classifier(tmp_path / "outputs" / "checkpoints" / "recam-scorecam.pt")
     assert model.recam_predictor is not None

@@ -39,6 +39,11 @@ class Params:
     # torch CPU threads of every step. Float reductions split by thread count, so the same
     # params give the same bits only with the same value; 0 = torch's default (all cores)
     threads: int = 2
+    # processes per machine for the distributed steps (training, seeds, eval-seg): above 1,
+    # `python cli.py <step>` starts itself under torchrun (wsss.distributed); threads is per process
+    nproc: int = 1
+    sync_bn: bool = True  # distributed training: BatchNorm statistics over the global batch
+    cuda_amp: bool = True  # on CUDA: autocast (bf16, else fp16 + GradScaler), channels_last, cudnn.benchmark
 
     # data
     dataset: str = "synth"  # synth | voc
@@ -174,10 +179,13 @@ class Params:
             choice(key, ["pretrained", "cls"])
         if self.output_stride not in (8, 16, 32):
             raise bad("output_stride", f"must be 8, 16 or 32 (got {self.output_stride})")
-        positive("synth_n_train", "synth_n_val", "synth_max_objects", "cls_epochs",
+        positive("nproc", "synth_n_train", "synth_n_val", "synth_max_objects", "cls_epochs",
                  "cls_batch_size", "cls_lr", "cls_crop", "cam_batch_size", "scorecam_chunk",
                  "recam_epochs", "recam_lr", "puzzle_epochs", "puzzle_lr", "sipe_epochs",
                  "sipe_lr", "seg_epochs", "seg_batch_size", "seg_lr", "seg_crop")
+        for k in ("cls_batch_size", "seg_batch_size"):  # each rank reads an equal share of a batch
+            if self.nproc > 1 and getattr(self, k) % self.nproc:
+                raise bad(k, f"must be a multiple of nproc ({self.nproc}), got {getattr(self, k)}")
         if self.synth_size < 32:
             raise bad("synth_size", f"must be >= 32 (got {self.synth_size})")
         for k in ("num_workers", "threads", "subset", "crf_iters", "synth_n_extra", "max_steps", "synth_void_width",
@@ -297,11 +305,31 @@ def seed_everything(rng_seed: int, threads: int = 0) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def resolve_device(name: str):
+def resolve_device(name: str, cuda_amp: bool = False):
+    """The torch device of key ``device``: under torchrun the GPU of this process's local rank.
+    ``cuda_amp`` also turns on cudnn.benchmark (fastest convolution algorithms for the shapes
+    seen; on CUDA this trades bitwise repetition for speed)."""
     import torch
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("params.yaml: key 'device' is 'cuda' but no GPU is visible; set device: cpu or auto")
+    if name == "cuda":
+        from .distributed import local_rank
+
+        torch.backends.cudnn.benchmark = cuda_amp
+        if cuda_amp:  # deterministic kernels would undo the point of the fast path
+            torch.use_deterministic_algorithms(False)
+        return torch.device("cuda", local_rank() % torch.cuda.device_count())
     return torch.device(name)
+
+
+def cuda_amp_dtype(device, enabled: bool):
+    """The autocast dtype of the fast CUDA path: bfloat16 where the GPU supports it, else
+    float16 (with a GradScaler); None on CPU or when ``cuda_amp`` is off."""
+    import torch
+
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

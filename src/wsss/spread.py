@@ -12,7 +12,6 @@ before with the same params and code is restored from DVC's run cache instead of
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -103,7 +102,7 @@ def spread(params: Params, seeds: list[int], until: str = "seg", root: Path | No
     """Queue, run and aggregate one experiment per seed; writes outputs/spread/."""
     from .paths import workspace_root
     from .steps import report
-    from .steps.common import out_dir
+    from .steps.common import out_dir, outputs_at
 
     root = root or workspace_root()
     listed = list(params.methods)
@@ -126,13 +125,6 @@ def spread(params: Params, seeds: list[int], until: str = "seg", root: Path | No
         seed = int(found[name]["params"].get("seed"))
         per_seed[seed], regimes[seed] = rows_of(found[name], listed, until)
     agg = report.aggregate(per_seed, regimes)
-    old = os.environ.get("WSSS_OUTPUTS")
-    os.environ["WSSS_OUTPUTS"] = str(out_dir("spread"))
-    try:
+    with outputs_at(out_dir("spread")):
         report.run(params, spread=agg)
-    finally:
-        if old is None:
-            os.environ.pop("WSSS_OUTPUTS", None)
-        else:
-            os.environ["WSSS_OUTPUTS"] = old
     return agg

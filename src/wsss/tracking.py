@@ -170,7 +170,9 @@ class Tracker:
 @contextmanager
 def step_run(step: str, params, method: str | None = None) -> Iterator[Tracker]:
     """Open an MLflow run for one pipeline step. ``WSSS_TRACKING=0`` turns tracking off."""
-    if os.environ.get("WSSS_TRACKING", "1") == "0":
+    from .distributed import is_main
+
+    if os.environ.get("WSSS_TRACKING", "1") == "0" or not is_main():  # under torchrun rank 0 logs
         yield Tracker(None, None)
         return
     _quiet_mlflow()

@@ -15,6 +15,7 @@ file removed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .errors import UserError
+from .config import cuda_amp_dtype
 from .io import load_torch, remove_stale_temps, save_torch
 
 
@@ -41,6 +43,9 @@ class LoopSpec:
     weight_decay: float
     max_steps: int  # 0 = no budget
     fingerprint_keys: dict  # params that shape this training (for resume)
+    batch_key: str = "cls_batch_size"  # the params key of batch_size (named in errors)
+    sync_bn: bool = True  # under torchrun: BatchNorm statistics over the global batch
+    cuda_amp: bool = True  # on CUDA: autocast (bf16, else fp16 + GradScaler) and channels_last
 
 
 def fingerprint(d: dict) -> str:
@@ -81,6 +86,29 @@ def planned_schedule(n_items: int, batch_size: int, epochs: int, max_steps: int)
     return steps_per_epoch, total, math.ceil(total / steps_per_epoch)
 
 
+class _Step(nn.Module):
+    """The model and its step function as one module, so that DistributedDataParallel sees the
+    whole step (whatever methods of the model ``step_fn`` calls) as its forward."""
+
+    def __init__(self, model: nn.Module, step_fn):
+        super().__init__()
+        self.model, self.step_fn = model, step_fn
+
+    def forward(self, batch, step):
+        return self.step_fn(self.model, batch, step)
+
+
+def _to_device(batch: tuple, device: torch.device, channels_last: bool) -> tuple:
+    out = []
+    for b in batch:
+        if torch.is_tensor(b):
+            b = b.to(device, non_blocking=True)
+            if channels_last and b.dim() == 4:
+                b = b.contiguous(memory_format=torch.channels_last)
+        out.append(b)
+    return tuple(out)
+
+
 def train_loop(
     spec: LoopSpec,
     model: nn.Module,
@@ -94,14 +122,39 @@ def train_loop(
     extra_state: dict | None = None,
     epoch_end: Callable[[nn.Module, int], dict[str, float]] | None = None,
 ) -> dict[str, float]:
-    """Train ``model`` with ``step_fn(model, batch, step) -> (loss, logs)``; returns final logs."""
+    """Train ``model`` with ``step_fn(model, batch, step) -> (loss, logs)``; returns final logs.
+
+    Under torchrun (:mod:`wsss.distributed`) the step runs inside DistributedDataParallel, each
+    rank reading ``batch_size / world`` items of every global batch: a DistributedSampler with
+    seed ``rng_seed * 1000`` and ``set_epoch(epoch)`` draws the same permutation a single process
+    draws, and rank r reads its positions r, r + world, ..., so the ranks' shares of a step are
+    exactly the single process's batch. DDP averages the gradients over the ranks, which equals
+    the single-process gradient for a loss averaged over the batch's items; with ``spec.sync_bn``
+    BatchNorm uses the global batch's statistics too. ``epoch_end``, logs, checkpoints and
+    MLflow run on rank 0; epoch logs are averaged over the ranks first.
+    """
+    from torch.utils.data.distributed import DistributedSampler
+
+    from . import distributed as dist
+
+    world, main = dist.world_size(), dist.is_main()
+    per_rank_batch = dist.per_rank_batch(spec.batch_size, spec.batch_key)
+    amp_dtype = cuda_amp_dtype(device, spec.cuda_amp)
+    channels_last = amp_dtype is not None
     model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if world > 1 and spec.sync_bn:
+        dist.convert_sync_batchnorm(model, device)
     opt = torch.optim.SGD(param_groups(model, spec.lr, spec.weight_decay, new_prefixes),
                           lr=spec.lr, momentum=0.9, nesterov=False)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     steps_per_epoch, total, n_epochs = planned_schedule(len(dataset), spec.batch_size, spec.epochs, spec.max_steps)
     resume_path = ckpt_dir / f"{spec.name}.resume.pt"
     fp = fingerprint(spec.fingerprint_keys)
     start_epoch, step = 0, 0
+    if world > 1:  # dropout (DeepLab's ASPP) draws from torch's global RNG: one stream per rank
+        torch.manual_seed(rng_seed * 1000 + 7919 * (dist.rank() + 1))
     if resume_path.exists():
         try:
             state = load_torch(resume_path, "resume checkpoint", "starting over")
@@ -111,51 +164,73 @@ def train_loop(
         if isinstance(state, dict) and state.get("fingerprint") == fp and "rng" in state:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
-            set_rng_state(state["rng"])
+            rngs = state.get("rng_ranks") or [state["rng"]]
+            if len(rngs) == world:
+                set_rng_state(rngs[dist.rank()])
+            if "scaler" in state:
+                scaler.load_state_dict(state["scaler"])
             start_epoch, step = state["epoch"], state["step"]
-            print(f"[{spec.name}] resuming from epoch {start_epoch} (step {step})")
+            if main:
+                print(f"[{spec.name}] resuming from epoch {start_epoch} (step {step})")
+    ddp = None
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(_Step(model, step_fn), device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=True)
+    run_step = ddp if ddp is not None else (lambda batch, step_: step_fn(model, batch, step_))
     logs: dict[str, float] = {}
-    gen = torch.Generator().manual_seed(rng_seed)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=dist.rank(), shuffle=True,
+                                 seed=rng_seed * 1000, drop_last=True)
     for epoch in range(start_epoch, n_epochs):
         if step >= total:
             break
-        gen.manual_seed(rng_seed * 1000 + epoch)
+        sampler.set_epoch(epoch)
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
-        loader = DataLoader(dataset, batch_size=spec.batch_size, shuffle=True, drop_last=True,
-                            generator=gen, num_workers=0)
+        loader = DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler, drop_last=True, num_workers=0,
+                            pin_memory=device.type == "cuda")
         model.train()
         sums: dict[str, float] = {}
         n = 0
-        bar = tqdm(loader, desc=f"{spec.name} epoch {epoch + 1}/{n_epochs}", leave=False, dynamic_ncols=True)
+        bar = tqdm(loader, desc=f"{spec.name} epoch {epoch + 1}/{n_epochs}", leave=False, dynamic_ncols=True,
+                   disable=not main)
         for batch in bar:
             if step >= total:
                 break
             lr_scale = (1 - step / total) ** 0.9
             for g in opt.param_groups:
                 g["lr"] = g["initial_lr"] * lr_scale
-            batch = tuple(b.to(device) if torch.is_tensor(b) else b for b in batch)
-            loss, step_logs = step_fn(model, batch, step)
+            batch = _to_device(batch, device, channels_last)
+            with torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
+                loss, step_logs = run_step(batch, step)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             step += 1
             n += 1
             for k, v in step_logs.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        logs = {k: v / max(n, 1) for k, v in sums.items()}
-        if epoch_end is not None:
-            logs.update(epoch_end(model, epoch))
-        tracker.log_metrics(logs, step=epoch)
-        model.train()
-        save_torch(resume_path, {"fingerprint": fp, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                                 "epoch": epoch + 1, "step": step, "rng": rng_state()})
-    final = {"spec": model.spec(), "model": model.state_dict(), "steps": step,
-             "fingerprint": fp, **(extra_state or {})}
-    save_torch(ckpt_dir / f"{spec.name}.pt", final)
-    resume_path.unlink(missing_ok=True)
-    remove_stale_temps(resume_path)
+        logs = dist.mean_over_ranks({k: v / max(n, 1) for k, v in sums.items()})
+        rngs = dist.gather(rng_state())
+        if main:
+            if epoch_end is not None:
+                logs.update(epoch_end(model, epoch))
+            tracker.log_metrics(logs, step=epoch)
+            model.train()
+            save_torch(resume_path, {"fingerprint": fp, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                     "epoch": epoch + 1, "step": step, "rng": rngs[0],
+                                     "rng_ranks": rngs if world > 1 else None,
+                                     **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {})})
+    if main:
+        final = {"spec": model.spec(), "model": model.state_dict(), "steps": step,
+                 "fingerprint": fp, **(extra_state or {})}
+        save_torch(ckpt_dir / f"{spec.name}.pt", final)
+        resume_path.unlink(missing_ok=True)
+        remove_stale_temps(resume_path)
+    dist.barrier()
     logs["steps"] = float(step)
     return logs
 
@@ -200,12 +275,13 @@ def fit_classifier(stage: str, params, spec: LoopSpec, model: nn.Module, train, 
     the random crops of ``train`` (crop ``cls_crop``) with val mAP/F1 after every epoch, in one
     MLflow run; writes the final metrics (``loss_keys`` + val_map, val_f1, steps, n_train) as
     JSON to ``metrics_path`` and returns them."""
+    from . import distributed as dist
     from .config import resolve_device
     from .datasets import ClassificationData
     from .io import write_json
     from .tracking import step_run
 
-    device = resolve_device(params.device)
+    device = resolve_device(params.device, params.cuda_amp)
     data = ClassificationData(train, params.cls_crop, params.seed)
     with step_run(stage, params, method=method) as tracker:
         logs = train_loop(spec, model, data, step_fn, ckpt_dir, device, tracker, params.seed,
@@ -213,5 +289,6 @@ def fit_classifier(stage: str, params, spec: LoopSpec, model: nn.Module, train, 
         metrics = {k: logs.get(k, float("nan")) for k in (*loss_keys, "val_map", "val_f1")}
         metrics.update({"steps": int(logs["steps"]), "n_train": len(train)})
         tracker.log_metrics({f"final_{k}": v for k, v in metrics.items()})
-        write_json(metrics_path, metrics)
+        if dist.is_main():
+            write_json(metrics_path, metrics)
     return metrics

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Params, resolve_device
+from ..config import Params, cuda_amp_dtype, resolve_device
 from ..models.backbone import normalize
 
 #: Names accepted for ``target_layer``; ``features`` (or None) is the last feature map.
@@ -71,7 +71,7 @@ class CAMMethod(abc.ABC):
                  target_layer: str | nn.Module | None = None,
                  device: torch.device | str | None = None):
         self.params = params if params is not None else Params()
-        self.device = torch.device(device) if device is not None else resolve_device(self.params.device)
+        self.device = torch.device(device) if device is not None else resolve_device(self.params.device, self.params.cuda_amp)
         self.model = model.to(self.device).eval()
         self.target_layer = target_layer
         self._layer = self._resolve_layer(target_layer)
@@ -192,6 +192,10 @@ class CAMMethod(abc.ABC):
         H, W = images[0].shape[:2]
         idx = [_as_index(c, self.device) for c in classes]
         grad_ctx = contextlib.nullcontext() if self.needs_grad else torch.inference_mode()
+        amp_dtype = cuda_amp_dtype(self.device, self.params.cuda_amp)  # CUDA only; maps summed in fp32
+
+        def amp_ctx():
+            return torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
         with grad_ctx:
             arr = np.stack([np.ascontiguousarray(im) for im in images])
             x = torch.from_numpy(arr).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
@@ -205,7 +209,8 @@ class CAMMethod(abc.ABC):
                     flips = (False, True) if self.params.cam_flip else (False,)
                     for flip in flips:
                         inp = xs.flip(-1) if flip else xs
-                        maps = self.maps_batch(inp, idx)
+                        with amp_ctx():
+                            maps = self.maps_batch(inp, idx)
                         for b, m in enumerate(maps):
                             if m.shape[0] == 0:
                                 continue

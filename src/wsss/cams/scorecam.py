@@ -181,7 +181,7 @@ class ScoreCAM(CAMMethod):
 
     def __init__(self, model: nn.Module, params: Params | None = None, *,
                  chunk: int | None = None, baseline: bool | None = None, score: str | None = None,
-                 variant: str | None = None, channels_last: bool = True, cuda_autocast: bool = True,
+                 variant: str | None = None, channels_last: bool = True, cuda_autocast: bool | None = None,
                  target_layer: str | nn.Module | None = None, device: torch.device | str | None = None):
         super().__init__(model, params, target_layer=target_layer, device=device)
         score = score if score is not None else self.params.scorecam_score
@@ -192,7 +192,8 @@ class ScoreCAM(CAMMethod):
         self.variant = variant if variant is not None else self.params.scorecam_variant
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {', '.join(VARIANTS)} (got {self.variant!r})")
-        self.channels_last, self.cuda_autocast = channels_last, cuda_autocast
+        self.channels_last = channels_last
+        self.cuda_autocast = self.params.cuda_amp if cuda_autocast is None else cuda_autocast
         if channels_last:  # the masked batches are channels_last; convert the weights once to match
             self.model.to(memory_format=torch.channels_last)
 

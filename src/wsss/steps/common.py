@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from .. import methods
 from ..config import Params
@@ -22,6 +23,21 @@ def out_dir(*parts: str) -> Path:
     for part in parts:
         p = p / part
     return p
+
+
+@contextlib.contextmanager
+def outputs_at(path: Path) -> Iterator[None]:
+    """Every :func:`out_dir` inside the block resolves under ``path`` (the spread writes its
+    report beside, not over, the workspace's)."""
+    old = os.environ.get("WSSS_OUTPUTS")
+    os.environ["WSSS_OUTPUTS"] = str(path)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("WSSS_OUTPUTS", None)
+        else:
+            os.environ["WSSS_OUTPUTS"] = old
 
 
 def checkpoint_path(name: str) -> Path:
@@ -46,8 +62,11 @@ def open_split(params: Params, split: str, validate: bool = True):
 
 
 def summary(step: str, text: str) -> None:
-    """The one-line summary every step ends with."""
-    print(f"[{step}] {text}", flush=True)
+    """The one-line summary every step ends with (rank 0's, under torchrun)."""
+    from ..distributed import is_main
+
+    if is_main():
+        print(f"[{step}] {text}", flush=True)
 
 
 def read_seed(path: Path, method: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

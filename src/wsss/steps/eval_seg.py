@@ -17,11 +17,11 @@ from contextlib import nullcontext
 import numpy as np
 from tqdm import tqdm
 
-from .. import methods
+from .. import distributed, methods
 from ..config import Params, resolve_device, seed_everything
 from ..crf import crf_postprocess
 from ..errors import UserError
-from ..io import atomic_dir, save_label_png, write_json
+from ..io import save_label_png, write_json
 from ..metrics import ConfusionMatrix
 from ..models.deeplab import load_deeplab, predict_probs
 from ..tracking import step_run
@@ -52,7 +52,7 @@ def run(params: Params, method: str) -> dict:
     if not val.has_masks:
         raise UserError(f"split '{params.val_split}' has ids without a ground-truth mask; "
                         f"eval-seg needs SegmentationClass/ masks for every id of key 'val_split'")
-    device = resolve_device(params.device)
+    device = resolve_device(params.device, params.cuda_amp)
     workers = min(resolve_workers(params), len(val.ids)) if params.seg_crf else 1
     # the pool is forked before the network runs, so no worker inherits busy torch threads
     pool = (pool_context().Pool(workers, initializer=_init_crf, initargs=(params,))
@@ -62,12 +62,13 @@ def run(params: Params, method: str) -> dict:
         _init_crf(params)
         cm = ConfusionMatrix(NUM_LABELS)
         samples = []
-        bar = tqdm(total=len(val.ids), desc=f"eval-seg {method}", dynamic_ncols=True)
+        my_ids = distributed.shard(val.ids)  # under torchrun: this rank's share; rank 0 sums
+        bar = tqdm(total=len(my_ids), desc=f"eval-seg {method}", dynamic_ncols=True, disable=not distributed.is_main())
         chunk = max(8, 4 * workers)
         with step_run("eval-seg", params, method=method) as tracker:
-            with atomic_dir(out_dir("predictions", method)) as tmp:
-                for start in range(0, len(val.ids), chunk):
-                    ids = val.ids[start:start + chunk]
+            with distributed.atomic_dir_all_ranks(out_dir("predictions", method)) as tmp:
+                for start in range(0, len(my_ids), chunk):
+                    ids = my_ids[start:start + chunk]
                     images = [val.image(i) for i in ids]
                     probs = [predict_probs(model, im, device, flip=True) for im in images]
                     if not params.seg_crf:
@@ -84,6 +85,9 @@ def run(params: Params, method: str) -> dict:
                             samples.append((image, gt, pred))
                     bar.update(len(ids))
             bar.close()
+            cm.mat = distributed.sum_over_ranks(cm.mat)
+            if not distributed.is_main():
+                return {}
             metrics = {"method": method, "n_images": len(val.ids), "crf": bool(params.seg_crf),
                        **cm.scores(LABEL_NAMES)}
             write_json(out_dir("metrics", "eval_seg", f"{method}.json"), metrics)

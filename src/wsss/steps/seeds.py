@@ -16,7 +16,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ..config import Params, resolve_device, seed_everything
-from ..io import atomic_dir, save_npz
+from ..distributed import atomic_dir_all_ranks
+from ..io import save_npz
 from ..tracking import step_run
 from .common import method_checkpoint, open_split, out_dir, summary
 
@@ -38,26 +39,31 @@ def method_params(params: Params, method: str) -> Params:
 
 def write_seeds(cam, voc, dest, desc: str) -> int:
     """One ``<id>.npz`` per image of ``voc`` into ``dest``: the maps of ``cam`` for its present
-    classes; returns the number of maps."""
+    classes; returns the number of maps. Under torchrun each rank writes its shard of the ids
+    (:func:`wsss.distributed.shard`; each image's maps do not depend on the others, so the files
+    are those of one process) and the count is summed on rank 0."""
+    from .. import distributed
+
     n_maps = 0
-    for id_ in tqdm(voc.ids, desc=desc, dynamic_ncols=True, leave=False):
+    for id_ in tqdm(distributed.shard(voc.ids), desc=desc, dynamic_ncols=True, leave=False,
+                    disable=not distributed.is_main()):
         keys = np.flatnonzero(voc.labels(id_) > 0).astype(np.int64)
         maps = cam(voc.image(id_), keys.tolist()).astype(np.float32)
         save_npz(dest / f"{id_}.npz", keys=keys, cams=maps)
         n_maps += len(keys)
-    return n_maps
+    return distributed.sum_over_ranks(n_maps)
 
 
 def run(params: Params, method: str) -> dict:
     from ..cams.registry import get_method
 
     seed_everything(params.seed, params.threads)
-    device = resolve_device(params.device)
+    device = resolve_device(params.device, params.cuda_amp)
     voc = open_split(params, params.seed_split)
     model = load_model(method, device)
     cam = get_method(method, model, method_params(params, method))
     start = time.perf_counter()
-    with step_run("seeds", params, method=method) as tracker, atomic_dir(out_dir("seeds", method)) as tmp:
+    with step_run("seeds", params, method=method) as tracker, atomic_dir_all_ranks(out_dir("seeds", method)) as tmp:
         n_maps = write_seeds(cam, voc, tmp, f"seeds {method}")
         seconds = time.perf_counter() - start
         tracker.log_metrics({"n_images": len(voc.ids), "n_maps": n_maps,

@@ -30,7 +30,8 @@ def run(params: Params) -> dict:
     model = build_classifier(params)
     spec = LoopSpec("cls", params.cls_epochs, params.cls_lr, params.cls_batch_size,
                     params.cls_weight_decay, params.max_steps,
-                    {k: getattr(params, k) for k in TRAINING_KEYS})
+                    {k: getattr(params, k) for k in TRAINING_KEYS},
+                    batch_key="cls_batch_size", sync_bn=params.sync_bn, cuda_amp=params.cuda_amp)
     metrics = fit_classifier("train-cls", params, spec, model, train, val, step_fn, out_dir("checkpoints"),
                              out_dir("metrics", "train_cls.json"))
     summary("train-cls", f"{metrics['steps']} steps, loss {metrics['loss']:.4f}, "

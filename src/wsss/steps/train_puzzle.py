@@ -122,9 +122,10 @@ def run(params: Params) -> dict:
         keys["init"] = start_from_classifier(model, checkpoint_path("cls"), params.backbone, "puzzle_init")
         new_heads = ()
     spec = LoopSpec(NAME, params.puzzle_epochs, params.puzzle_lr, params.cls_batch_size,
-                    params.cls_weight_decay, params.max_steps, keys)
+                    params.cls_weight_decay, params.max_steps, keys,
+                    batch_key="cls_batch_size", sync_bn=params.sync_bn, cuda_amp=params.cuda_amp)
     total = planned_schedule(len(train), params.cls_batch_size, params.puzzle_epochs, params.max_steps)[1]
-    metrics = fit_classifier("train-puzzle", params, spec, model, train, val, make_step_fn(params, total),
+    metrics = fit_classifier("train", params, spec, model, train, val, make_step_fn(params, total),
                              out_dir("checkpoints"), out_dir("metrics", f"train_{NAME}.json"),
                              loss_keys=("loss", "loss_cls", "loss_pcls", "loss_re"), new_prefixes=new_heads,
                              method=NAME)

@@ -51,6 +51,7 @@ from torch import nn
 from ..config import Params, resolve_device, seed_everything
 from ..datasets import ClassificationData, random_scale_flip_crop, to_tensor
 from ..errors import UserError
+from ..distributed import is_main
 from ..io import write_json
 from ..models.classifier import load_classifier
 from ..tracking import step_run
@@ -148,24 +149,30 @@ def seeds_folder():
     return out_dir("seeds", "scorecam")
 
 
-def scorecam_masks(params: Params, voc, device) -> tempfile.TemporaryDirectory:
+def scorecam_masks(params: Params, voc, device) -> tuple[tempfile.TemporaryDirectory | None, Path]:
     """The Score-CAMs of ``cls.pt`` for every image of ``voc`` (the ``recam_split``), written as
     seed files into a temporary folder (removed by the caller): the same maps as ``seeds
     --method scorecam`` (same method, params and checkpoint), made here so that this stage
-    reads no other method's outputs and runs whether or not ``scorecam`` is listed."""
+    reads no other method's outputs and runs whether or not ``scorecam`` is listed. Under
+    torchrun rank 0 owns the folder (returned as the TemporaryDirectory; None elsewhere) and
+    every rank writes its shard of the images into it."""
+    from .. import distributed
     from ..cams.registry import get_method
     from ..models.classifier import load_classifier
     from .seeds import method_params, write_seeds
 
     model, _ = load_classifier(checkpoint_path("cls"), device)
     cam = get_method("scorecam", model, method_params(params, "scorecam"))
-    tmp = tempfile.TemporaryDirectory(prefix="recam-scorecam-masks-")
+    tmp = tempfile.TemporaryDirectory(prefix="recam-scorecam-masks-") if distributed.is_main() else None
+    folder = Path(distributed.broadcast(tmp.name if tmp is not None else None))
     try:
-        write_seeds(cam, voc, Path(tmp.name), "Score-CAM masks")
+        write_seeds(cam, voc, folder, "Score-CAM masks")
+        distributed.barrier()
     except BaseException:
-        tmp.cleanup()
+        if tmp is not None:
+            tmp.cleanup()
         raise
-    return tmp
+    return tmp, folder
 
 
 class SeedMaskData(ClassificationData):
@@ -236,7 +243,7 @@ def run(params: Params, variant: str = "cam") -> dict:
     name = stage_name(variant)
     stage = f"train-{name}"
     seed_everything(params.seed, params.threads)
-    device = resolve_device(params.device)
+    device = resolve_device(params.device, params.cuda_amp)
     model, cls_ckpt = load_classifier(checkpoint_path("cls"), device)
     if model.recam_predictor is None:
         model.add_recam_predictor()
@@ -244,8 +251,8 @@ def run(params: Params, variant: str = "cam") -> dict:
     val = open_split(params, params.val_split)
     masks_dir = None
     if variant == "scorecam" and source == "seeds":
-        masks_dir = scorecam_masks(params, train, device)
-        data = SeedMaskData(train, params.cls_crop, params.seed, folder=Path(masks_dir.name))
+        masks_dir, folder = scorecam_masks(params, train, device)
+        data = SeedMaskData(train, params.cls_crop, params.seed, folder=folder)
     else:
         data = ClassificationData(train, params.cls_crop, params.seed)
     keys = {k: getattr(params, k) for k in TRAINING_KEYS}
@@ -264,9 +271,10 @@ def run(params: Params, variant: str = "cam") -> dict:
 
 def _train(params, variant, source, model, data, val, keys, device, name, stage, train) -> dict:
     spec = LoopSpec(name, params.recam_epochs, params.recam_lr, params.cls_batch_size,
-                    params.cls_weight_decay, params.max_steps, keys)
+                    params.cls_weight_decay, params.max_steps, keys,
+                    batch_key="cls_batch_size", sync_bn=params.sync_bn, cuda_amp=params.cuda_amp)
     step_fn = make_step_fn(params, variant, source)
-    with step_run("train-recam", params, method=name) as tracker:
+    with step_run("train", params, method=name) as tracker:
         logs = train_loop(spec, model, data, step_fn, out_dir("checkpoints"), device, tracker, params.seed,
                           new_prefixes=("recam_predictor",),
                           epoch_end=lambda m, e: classification_scores(m, val, device))
@@ -275,7 +283,8 @@ def _train(params, variant, source, model, data, val, keys, device, name, stage,
         metrics.update({"steps": int(logs["steps"]), "n_train": len(train)})
         tracker.log_metrics({f"final_{k}": v for k, v in metrics.items()})
         tracker.set_tags({"wsss.recam_mask": "cam" if variant == "cam" else f"scorecam-{source}"})
-        write_json(out_dir("metrics", f"train_{name}.json"), metrics)
+        if is_main():
+            write_json(out_dir("metrics", f"train_{name}.json"), metrics)
     summary(stage, f"{metrics['steps']} steps, loss {metrics['loss']:.4f} (sce {metrics['loss_sce']:.4f}), "
                    f"val mAP {metrics['val_map']:.3f}, val F1 {metrics['val_f1']:.3f}")
     return metrics

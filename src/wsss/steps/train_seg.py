@@ -25,10 +25,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import methods
+from .. import distributed, methods
 from ..config import Params, resolve_device, seed_everything
 from ..datasets import SegmentationData
 from ..errors import UserError
+from ..distributed import is_main
 from ..io import write_json
 from ..metrics import ConfusionMatrix
 from ..models.deeplab import build_deeplab
@@ -99,7 +100,7 @@ def init_from_classifier(model, params: Params) -> str:
 def run(params: Params, method: str) -> dict:
     methods.get(method, allow_gt=True)  # one clear error for an unknown method
     seed_everything(params.seed, params.threads)
-    device = resolve_device(params.device)
+    device = resolve_device(params.device, params.cuda_amp)
     keys = {k: getattr(params, k) for k in TRAINING_KEYS}
     if method == GT:
         train = open_split(params, params.seed_split)
@@ -125,14 +126,21 @@ def run(params: Params, method: str) -> dict:
     if params.seg_init == "cls":
         keys["init"] = init_from_classifier(model, params)
     spec = LoopSpec(f"seg-{method}", params.seg_epochs, params.seg_lr, params.seg_batch_size,
-                    params.seg_weight_decay, params.max_steps, keys)
+                    params.seg_weight_decay, params.max_steps, keys,
+                    batch_key="seg_batch_size", sync_bn=params.sync_bn, cuda_amp=params.cuda_amp)
 
     val_epochs = validation_epochs(params, len(data))
 
     def step_fn(m, batch, step):
         x, y = batch
         logits = m(x)
-        if bool((y != VOID).any()):
+        if distributed.world_size() > 1:
+            # each rank holds part of the batch: normalise by the whole batch's labelled pixels
+            # (their mean per rank, as DDP averages the gradients), so that 2 x B/2 computes the
+            # loss of 1 x B, not a mean of two differently weighted means
+            labelled = distributed.sum_all_ranks(float((y != VOID).sum())) / distributed.world_size()
+            loss = F.cross_entropy(logits, y, ignore_index=VOID, reduction="sum") / max(labelled, 1.0)
+        elif bool((y != VOID).any()):
             loss = F.cross_entropy(logits, y, ignore_index=VOID)
         else:  # a batch of crops with no labelled pixel: no gradient, but no NaN either
             loss = logits.sum() * 0.0
@@ -146,8 +154,9 @@ def run(params: Params, method: str) -> dict:
                    "val_miou_quick": logs.get("val_miou", float("nan")),
                    "steps": int(logs["steps"]), "n_train": len(train)}
         tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-        write_json(out_dir("metrics", "train_seg", f"{method}.json"),
-                   {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in metrics.items()})
+        if is_main():
+            write_json(out_dir("metrics", "train_seg", f"{method}.json"),
+                       {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in metrics.items()})
     summary("train-seg", f"{method}: {metrics['steps']} steps on {len(train)} images, loss {metrics['loss']:.4f}, "
                          f"quick val mIoU {metrics['val_miou_quick']:.3f}")
     return metrics

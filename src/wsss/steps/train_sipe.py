@@ -65,8 +65,9 @@ def run(params: Params) -> dict:
         keys["init"] = start_from_classifier(model, checkpoint_path("cls"), params.backbone, "sipe_init")
         new_heads = ("side",)
     spec = LoopSpec(NAME, params.sipe_epochs, params.sipe_lr, params.cls_batch_size,
-                    params.cls_weight_decay, params.max_steps, keys)
-    metrics = fit_classifier("train-sipe", params, spec, model, train, val, make_step_fn(params),
+                    params.cls_weight_decay, params.max_steps, keys,
+                    batch_key="cls_batch_size", sync_bn=params.sync_bn, cuda_amp=params.cuda_amp)
+    metrics = fit_classifier("train", params, spec, model, train, val, make_step_fn(params),
                              out_dir("checkpoints"), out_dir("metrics", f"train_{NAME}.json"),
                              loss_keys=("loss", "loss_cls", "loss_gsc"), new_prefixes=new_heads, method=NAME)
     summary("train-sipe", f"{metrics['steps']} steps, loss {metrics['loss']:.4f} (gsc {metrics['loss_gsc']:.4f}), "
