@@ -14,9 +14,10 @@ from torch import nn
 
 from wsss.config import Params
 from wsss.errors import UserError
+from wsss.metrics import predictor_warning
 from wsss.models.classifier import Classifier
 from wsss.steps import train_cls, train_recam
-from wsss.trainer import planned_schedule, train_loop
+from wsss.trainer import frozen, planned_schedule, train_loop
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 
@@ -85,9 +86,9 @@ def test_soft_margin_loss_by_hand():
 
 
 def test_predictor_warning_only_at_chance():
-    assert "at chance" in train_recam.predictor_warning(0.06, 20)
-    assert train_recam.predictor_warning(0.44, 20) is None
-    assert train_recam.predictor_warning(float("nan"), 20) is None
+    assert "at chance" in predictor_warning(0.06, 20)
+    assert predictor_warning(0.44, 20) is None
+    assert predictor_warning(float("nan"), 20) is None
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -168,9 +169,9 @@ def test_cls_groups_lr_momentum_and_trainable_from_scratch(tmp_path, monkeypatch
     """train-cls (IRN/ReCAM train_cam.py): trunk at cls_lr 0.1, W at 1.0, momentum 1e-4; from
     random weights (pretrained: none) nothing is frozen: BatchNorm statistics move."""
     params = Params(max_steps=4, cls_batch_size=2)
-    assert not train_cls.frozen(params, params.pretrained != "none")
-    assert train_cls.frozen(dataclasses.replace(params, pretrained="x.pth"), True)
-    assert not train_cls.frozen(dataclasses.replace(params, freeze_stem_bn="never"), True)
+    assert not frozen(params, params.pretrained != "none")
+    assert frozen(dataclasses.replace(params, pretrained="x.pth"), True)
+    assert not frozen(dataclasses.replace(params, freeze_stem_bn="never"), True)
     torch.manual_seed(0)
     model = Classifier("resnet18", 16, "none")
     bn = model.backbone.stem[1].running_mean.clone()
@@ -200,3 +201,13 @@ def test_bad_recipe_values_are_refused():
         Params(recipe_list_size=3)
     with pytest.raises(UserError, match="freeze_stem_bn"):
         Params(freeze_stem_bn="yes")
+
+
+def test_report_warns_when_recam_predictor_is_at_chance():
+    from wsss.steps import report
+
+    metrics = {"train_recam.json": {"predictor_acc": 0.06}, "train_recam-scorecam.json": {"predictor_acc": 0.6}}
+    lines = report.training_warnings(["cam", "recam", "recam-scorecam"], lambda *p: metrics.get(p[-1], {}))
+    assert len(lines) == 1 and lines[0].startswith("**recam: WARNING") and "at chance" in lines[0]
+    text = report.markdown([], Params(), warnings=lines)
+    assert lines[0] in text

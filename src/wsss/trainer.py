@@ -88,6 +88,12 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, new_prefixes:
     ]
 
 
+def frozen(params, trained_start: bool) -> bool:
+    """Whether ``freeze_stem_bn`` freezes the stem and BatchNorm statistics of a trunk that starts
+    from trained weights (``trained_start``) or from random ones."""
+    return params.freeze_stem_bn == "always" or (params.freeze_stem_bn == "trained" and trained_start)
+
+
 def make_optimizer(model: nn.Module, spec: LoopSpec, new_prefixes: tuple[str, ...]) -> torch.optim.SGD:
     """SGD over :func:`param_groups` with ``spec.momentum`` (no Nesterov, as the official code)."""
     return torch.optim.SGD(param_groups(model, spec.lr, spec.weight_decay, new_prefixes, spec.lr_mults),

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..config import Params, seed_everything
 from ..models.classifier import build_classifier
-from ..trainer import LoopSpec, fit_classifier
+from ..trainer import LoopSpec, fit_classifier, frozen
 from .common import open_split, out_dir, summary
 
 TRAINING_KEYS = ("seed", "dataset", "data_dir", "train_split", "subset", "backbone", "output_stride",
@@ -34,11 +34,6 @@ def step_fn(m, batch, step):
     x, y, _ = batch
     loss = soft_margin_loss(m(x), y)
     return loss, {"loss": loss.item()}
-
-
-def frozen(params: Params, trained_start: bool) -> bool:
-    """Whether ``freeze_stem_bn`` freezes a trunk that starts from trained weights or not."""
-    return params.freeze_stem_bn == "always" or (params.freeze_stem_bn == "trained" and trained_start)
 
 
 def loop_spec(params: Params) -> LoopSpec:

@@ -63,9 +63,10 @@ from ..config import Params, resolve_device, seed_everything
 from ..datasets import ClassificationData, random_scale_flip_crop, to_tensor
 from ..errors import UserError
 from ..io import write_json
+from ..metrics import predictor_warning
 from ..models.classifier import load_classifier
 from ..tracking import step_run
-from ..trainer import LoopSpec, classification_scores, train_loop
+from ..trainer import LoopSpec, classification_scores, frozen, train_loop
 from .common import checkpoint_path, open_split, out_dir, read_seed, summary
 
 VARIANTS = ("cam", "scorecam")
@@ -77,20 +78,6 @@ SCORECAM_KEYS = ("scorecam_chunk", "scorecam_variant", "scorecam_baseline", "sco
 SEED_MASK_KEYS = ("scorecam_chunk", "scorecam_variant", "scorecam_baseline", "scorecam_score", "scorecam_scales",
                   "scorecam_flip", "cam_batch_size")
 EPS = 1e-5
-#: W' counts as untrained ("at chance") while its accuracy on the present pairs stays below
-#: this many times chance (1/K): its re-weighting W * W' then scrambles the CAM channels.
-CHANCE_FACTOR = 2.0
-
-
-def predictor_warning(acc: float | None, num_classes: int = 20) -> str | None:
-    """One loud line when ReCAM's W' is at chance (accuracy < CHANCE_FACTOR / K), else None."""
-    if acc is None or not np.isfinite(acc) or acc >= CHANCE_FACTOR / num_classes:
-        return None
-    return (f"WARNING: ReCAM predictor W' at chance (accuracy {acc:.3f} on the present pairs, chance "
-            f"{1 / num_classes:.3f}): its re-activation W * W' re-weights the CAM channels with noise; "
-            f"do not read these ReCAM seeds as ReCAM's (raise recam_epochs or recipe_list_size)")
-
-
 def stage_name(variant: str) -> str:
     """Checkpoint stem and method name: ``recam`` or ``recam-scorecam``."""
     return "recam" if variant == "cam" else "recam-scorecam"
@@ -278,8 +265,6 @@ def run(params: Params, variant: str = "cam") -> dict:
     model, cls_ckpt = load_classifier(checkpoint_path("cls"), device)
     if model.recam_predictor is None:
         model.add_recam_predictor()
-    from .train_cls import frozen
-
     if frozen(params, trained_start=True):  # ReCAM always starts from the trained cls.pt
         model.freeze_stem_bn()
     train = open_split(params, params.recam_split)
