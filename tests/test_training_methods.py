@@ -289,7 +289,7 @@ def test_recam_online_masks_use_scorecam_score(monkeypatch):
 
     seen = []
     loss = train_recam.recam_loss
-    monkeypatch.setattr(train_recam, "recam_loss", lambda m, f, y, masks: seen.append(masks) or loss(m, f, y, masks))
+    monkeypatch.setattr(train_recam, "recam_loss", lambda m, f, y, masks, **kw: seen.append(masks) or loss(m, f, y, masks, **kw))
     torch.manual_seed(0)
     model = Classifier("resnet18", 16, "none", recam=True).train()
     with torch.no_grad():  # logits of a few units, where sigmoid and logit scores part ways
