@@ -17,7 +17,7 @@ cli = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cli)
 
 TINY = {"synth_n_train": 6, "synth_n_val": 3, "synth_n_extra": 6, "synth_size": 48, "cls_epochs": 1, "cls_batch_size": 3,
-        "cls_crop": 48, "seg_epochs": 1, "seg_batch_size": 3, "seg_crop": 48, "cam_scales": [1.0],
+        "recipe_list_size": 0, "cls_crop": 48, "seg_epochs": 1, "seg_batch_size": 3, "seg_crop": 48, "cam_scales": [1.0],
         "cam_flip": False, "num_workers": 1, "crf_iters": 2, "threshold_sweep": [0.1, 0.3],
         "methods": {"cam": "cls", "gradcam": "cls"}}
 

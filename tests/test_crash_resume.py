@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = {
     "threads": 1, "num_workers": 1, "synth_n_train": 12, "synth_n_val": 3, "synth_n_extra": 0,
     "synth_size": 48, "train_split": "train", "methods": {"cam": "cls"},
-    "cls_epochs": 4, "cls_batch_size": 4, "cls_crop": 48, "cam_scales": [1.0], "cam_flip": False,
+    "cls_epochs": 4, "cls_batch_size": 4, "recipe_list_size": 0, "cls_crop": 48, "cam_scales": [1.0], "cam_flip": False,
     "crf_iters": 60, "seg_epochs": 4, "seg_batch_size": 4, "seg_crop": 48, "seg_init": "cls",
 }
 

@@ -4,7 +4,7 @@
   sampler hands the ranks exactly the single process's batch and DDP averages the gradients,
   so the only differences are float rounding (gradient sums split in two, BatchNorm statistics
   summed over ranks), which training amplifies. Measured on this tiny world after 8 steps
-  (ResNet-18, 48 px, lr 0.005): with ``sync_bn`` the weights differ by 3e-5 relative (L2) and
+  (ResNet-18, 48 px, lr 0.005, momentum 0.9): with ``sync_bn`` the weights differ by 3e-5 relative (L2) and
   the running statistics by 1.2e-3; without it BatchNorm normalises each half batch by its own
   statistics, a different model: 1e-3 and 7e-2, about 30x further. Tolerances: 2e-4 and 1e-2
   with sync_bn; without, at least 5x the synced difference.
@@ -38,7 +38,7 @@ CLI = str(REPO / "cli.py")
 TINY = {
     "threads": 1, "num_workers": 1, "synth_n_train": 16, "synth_n_val": 4, "synth_n_extra": 0,
     "synth_size": 48, "train_split": "train", "methods": {"cam": "cls"},
-    "cls_epochs": 2, "cls_batch_size": 4, "cls_lr": 0.005, "cls_crop": 48, "cam_scales": [1.0, 0.5],
+    "cls_epochs": 2, "cls_batch_size": 4, "cls_lr": 0.005, "cls_momentum": 0.9, "recipe_list_size": 0, "cls_crop": 48, "cam_scales": [1.0, 0.5],
     "cam_flip": True, "seg_epochs": 1, "seg_batch_size": 4, "seg_crop": 48, "seg_init": "cls",
     "seg_crf": False, "device": "cpu",
 }

@@ -63,7 +63,7 @@ def _cli(root: Path, *args: str) -> str:
 def _world(root: Path, **changes) -> None:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw.update({"device": "cuda", "cuda_amp": True, "synth_n_train": 16, "synth_n_val": 4, "synth_n_extra": 16,
-                "synth_size": 64, "methods": {"cam": "cls", "gradcam": "cls"}, "cls_epochs": 2, "cls_batch_size": 8,
+                "synth_size": 64, "methods": {"cam": "cls", "gradcam": "cls"}, "cls_epochs": 2, "recipe_list_size": 0, "cls_batch_size": 8,
                 "cls_crop": 64, "seg_epochs": 2, "seg_batch_size": 8, "seg_crop": 64, "cam_scales": [1.0, 2.0],
                 "seg_crf": False})
     raw.update(changes)

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 MICRO = {
     "synth_n_train": 6, "synth_n_val": 4, "synth_n_extra": 6, "synth_size": 48, "cls_epochs": 1, "cls_batch_size": 3,
-    "cls_crop": 48, "recam_epochs": 1, "puzzle_epochs": 1, "sipe_epochs": 1, "seg_epochs": 1,
+    "recipe_list_size": 0, "cls_crop": 48, "recam_epochs": 1, "puzzle_epochs": 1, "sipe_epochs": 1, "seg_epochs": 1,
     "seg_batch_size": 3, "seg_crop": 48, "cam_scales": [1.0], "num_workers": 1, "crf_iters": 2,
     "threshold_sweep": [0.1, 0.3], "scorecam_chunk": 128,
     "methods": {"cam": "cls", "scorecam": "cls", "recam-scorecam": "recam-scorecam"},

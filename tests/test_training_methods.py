@@ -101,13 +101,15 @@ def test_recam_loss_matches_loop_and_cam_masks():
     labels[2, 7] = 1
     masks = torch.rand(3, 20, 3, 4)
     vec = train_recam.recam_loss(model, feats, labels, masks)
-    terms = []
+    per_image = {}
     for b, c in labels.nonzero().tolist():
         f = (feats[b] * masks[b, c]).mean((1, 2))
         p = model.recam_predictor.weight[:, :, 0, 0] @ f
-        terms.append(F.cross_entropy(p[None], torch.tensor([c])))
-    assert vec.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
-    # default masks: the detached, max-normalised CAM of the features
+        per_image.setdefault(b, []).append(F.cross_entropy(p[None], torch.tensor([c])))
+    # the official averaging: mean over each image's classes, summed, / B (image 1 has none)
+    expected = sum(torch.stack(t).mean() for t in per_image.values()) / 3
+    assert vec.item() == pytest.approx(expected.item(), rel=1e-5)
+    # default masks: the max-normalised CAM of the features
     cams = F.relu(F.conv2d(feats, model.classifier.weight))
     cams = cams / (cams.amax((2, 3), keepdim=True) + 1e-5)
     assert train_recam.recam_loss(model, feats, labels).item() == pytest.approx(
@@ -288,7 +290,7 @@ def test_recam_online_masks_use_scorecam_score(monkeypatch):
 
     seen = []
     loss = train_recam.recam_loss
-    monkeypatch.setattr(train_recam, "recam_loss", lambda m, f, y, masks: seen.append(masks) or loss(m, f, y, masks))
+    monkeypatch.setattr(train_recam, "recam_loss", lambda m, f, y, masks, **kw: seen.append(masks) or loss(m, f, y, masks, **kw))
     torch.manual_seed(0)
     model = Classifier("resnet18", 16, "none", recam=True).train()
     with torch.no_grad():  # logits of a few units, where sigmoid and logit scores part ways

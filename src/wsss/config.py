@@ -72,12 +72,25 @@ class Params:
     backbone: str = "resnet18"
     output_stride: int = 16
     pretrained: str = "none"  # none | imagenet | path to a torchvision state dict
-    cls_epochs: int = 40
+    # IRN/ReCAM recipe (run_sample.py): 5 epochs of VOC train_aug at batch 16 (3,305 steps), lr 0.1
+    cls_epochs: int = 5
     cls_batch_size: int = 16
-    cls_lr: float = 0.05
+    cls_lr: float = 0.1
     cls_weight_decay: float = 1e-4
+    # SGD momentum of train-cls. IRN/ReCAM's PolyOptimizer hands its weight decay to SGD's
+    # momentum slot (misc/torchutils.py:11-12), so their classifier trains with momentum 1e-4,
+    # i.e. plain SGD; 0.9 is what the code's argument names meant (the pre-issue-13 default)
+    cls_momentum: float = 1e-4
     cls_crop: int = 96
     max_steps: int = 0  # optimiser step budget per training stage (0 = no cap)
+    # Recipes in optimiser steps: each stage's *_epochs count passes over a list of this many
+    # images (VOC 2012 train_aug, the list of every reference recipe), so a recipe reaches the
+    # reference's number of optimiser steps on any list; 0 = epochs over the list trained on
+    recipe_list_size: int = 10582
+    # conv1/bn1 without gradient and every BatchNorm on its running statistics (IRN/ReCAM's
+    # FixedBatchNorm): trained = whenever the trunk starts from trained weights (the reference
+    # always does: ImageNet; here cls.pt for ReCAM, `pretrained` for train-cls) | always | never
+    freeze_stem_bn: str = "trained"
 
     # seeds
     # method -> checkpoint its seeds are read from (outputs/checkpoints/<name>.pt); the value
@@ -98,10 +111,12 @@ class Params:
     )
 
     # ReCAM (Chen et al. 2022)
-    recam_epochs: int = 4
-    recam_lr: float = 5e-4
+    recam_epochs: int = 4  # epochs of recipe_list_size images: 4 x 661 = 2,644 steps
+    recam_lr: float = 5e-4  # W' at recam_lr, trunk and W at 0.1 recam_lr (train_recam.py:71-75)
     recam_lambda: float = 1.0
-    recam_split: str = "train"  # ReCAM fine-tuning list (both variants; Score-CAM seeds exist for it)
+    recam_momentum: float = 1e-4  # SGD momentum of train-recam (see cls_momentum)
+    recam_detach_mask: bool = False  # True: no gradient through the CAM mask of L_sce (the official code has one)
+    recam_split: str = "train_aug"  # ReCAM fine-tuning list (both variants), as run_sample.py:28
     recam_scorecam_mask: str = "seeds"  # seeds | online (see docs/methods.md)
     # Puzzle-CAM (Jo & Yu 2021)
     puzzle_epochs: int = 10
@@ -175,6 +190,7 @@ class Params:
         choice("scorecam_variant", ["correct", "study"])
         choice("scorecam_score", ["sigmoid", "logit"])
         choice("recam_scorecam_mask", ["seeds", "online"])
+        choice("freeze_stem_bn", ["trained", "always", "never"])
         for key in ("seg_init", "puzzle_init", "sipe_init"):
             choice(key, ["pretrained", "cls"])
         if self.output_stride not in (8, 16, 32):
@@ -189,9 +205,16 @@ class Params:
         if self.synth_size < 32:
             raise bad("synth_size", f"must be >= 32 (got {self.synth_size})")
         for k in ("num_workers", "threads", "subset", "crf_iters", "synth_n_extra", "max_steps", "synth_void_width",
-                  "cls_weight_decay", "seg_weight_decay", "recam_lambda", "puzzle_alpha", "sipe_lambda", "seg_val_every"):
+                  "cls_weight_decay", "seg_weight_decay", "recam_lambda", "puzzle_alpha", "sipe_lambda", "seg_val_every",
+                  "recipe_list_size"):
             if getattr(self, k) < 0:
                 raise bad(k, f"must be >= 0 (got {getattr(self, k)!r})")
+        for k in ("cls_momentum", "recam_momentum"):
+            if not 0 <= getattr(self, k) < 1:
+                raise bad(k, f"must be in [0, 1) (got {getattr(self, k)!r}); the official code runs 1e-4, 0.9 is usual")
+        if 0 < self.recipe_list_size < self.cls_batch_size:
+            raise bad("recipe_list_size", f"must be 0 or at least cls_batch_size ({self.cls_batch_size}); "
+                                          f"got {self.recipe_list_size}")
         if (len(self.synth_extent) != 2 or not 0 < self.synth_extent[0] <= self.synth_extent[1] <= 1.5):
             raise bad("synth_extent", f"must be [min, max] with 0 < min <= max <= 1.5 (got {self.synth_extent!r})")
         if not 0 < self.synth_part_size <= 1:

@@ -63,3 +63,18 @@ def miou(preds: list[np.ndarray], gts: list[np.ndarray], num_classes: int = NUM_
     for p, g in zip(preds, gts):
         cm.update(p, g)
     return cm.scores()["miou"]
+
+
+#: ReCAM's W' counts as untrained ("at chance") while its accuracy on the present (image,
+#: class) pairs stays below this many times chance (1/K): its re-weighting W * W' of the
+#: classifier then scrambles the CAM channels (issue 13).
+CHANCE_FACTOR = 2.0
+
+
+def predictor_warning(acc: float | None, num_classes: int = 20) -> str | None:
+    """One loud line when ReCAM's W' is at chance (accuracy < CHANCE_FACTOR / K), else None."""
+    if acc is None or not np.isfinite(acc) or acc >= CHANCE_FACTOR / num_classes:
+        return None
+    return (f"WARNING: ReCAM predictor W' at chance (accuracy {acc:.3f} on the present pairs, chance "
+            f"{1 / num_classes:.3f}): its re-activation W * W' re-weights the CAM channels with noise; "
+            f"do not read these ReCAM seeds as ReCAM's (raise recam_epochs or recipe_list_size)")

@@ -46,6 +46,16 @@ class LoopSpec:
     batch_key: str = "cls_batch_size"  # the params key of batch_size (named in errors)
     sync_bn: bool = True  # under torchrun: BatchNorm statistics over the global batch
     cuda_amp: bool = True  # on CUDA: autocast (bf16, else fp16 + GradScaler) and channels_last
+    #: learning-rate multipliers of the two parameter groups (:func:`param_groups`): the trunk
+    #: and the freshly added heads (IRN/ReCAM train_cam.py: 1x and 10x; ReCAM train_recam.py:
+    #: 0.1x for the trunk and the classifier W, 1x for the predictor W')
+    lr_mults: tuple[float, float] = (1.0, 10.0)
+    #: SGD momentum. The official PolyOptimizer (IRN/ReCAM misc/torchutils.py:11-12) passes its
+    #: weight decay into SGD's third positional argument, which is the momentum: 1e-4 there.
+    momentum: float = 0.9
+    #: epochs count passes over a list of this many items (VOC train_aug: 10,582), not over
+    #: the dataset trained on; 0 = over the dataset (see :func:`planned_schedule`)
+    ref_items: int = 0
 
 
 def fingerprint(d: dict) -> str:
@@ -64,23 +74,49 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float, new_prefixes: tuple[str, ...]):
-    """Backbone at lr, freshly initialised heads (names starting with new_prefixes) at 10x lr."""
+def param_groups(model: nn.Module, lr: float, weight_decay: float, new_prefixes: tuple[str, ...],
+                 lr_mults: tuple[float, float] = (1.0, 10.0)):
+    """Two SGD groups: the trunk (every trainable parameter not named by ``new_prefixes``) at
+    ``lr_mults[0] * lr`` and the freshly initialised heads (names starting with
+    ``new_prefixes``) at ``lr_mults[1] * lr``. Frozen parameters (``requires_grad`` False: the
+    stem under :meth:`~wsss.models.classifier.Classifier.freeze_stem_bn`) are in no group.
+
+    IRN/ReCAM step/train_cam.py:59-63 (lr, 10 lr) is the default; ReCAM's step/train_recam.py:71-75
+    puts the trunk and the classifier W at 0.1 lr and the predictor W' at lr: ``(0.1, 1.0)``."""
     base, new = [], []
     for n, p in model.named_parameters():
         if p.requires_grad:
             (new if n.startswith(new_prefixes) else base).append(p)
     return [
-        {"params": base, "lr": lr, "initial_lr": lr, "weight_decay": weight_decay},
-        {"params": new, "lr": 10 * lr, "initial_lr": 10 * lr, "weight_decay": weight_decay},
+        {"params": base, "lr": lr_mults[0] * lr, "initial_lr": lr_mults[0] * lr, "weight_decay": weight_decay},
+        {"params": new, "lr": lr_mults[1] * lr, "initial_lr": lr_mults[1] * lr, "weight_decay": weight_decay},
     ]
 
 
-def planned_schedule(n_items: int, batch_size: int, epochs: int, max_steps: int) -> tuple[int, int, int]:
+def frozen(params, trained_start: bool) -> bool:
+    """Whether ``freeze_stem_bn`` freezes the stem and BatchNorm statistics of a trunk that starts
+    from trained weights (``trained_start``) or from random ones."""
+    return params.freeze_stem_bn == "always" or (params.freeze_stem_bn == "trained" and trained_start)
+
+
+def make_optimizer(model: nn.Module, spec: LoopSpec, new_prefixes: tuple[str, ...]) -> torch.optim.SGD:
+    """SGD over :func:`param_groups` with ``spec.momentum`` (no Nesterov, as the official code)."""
+    return torch.optim.SGD(param_groups(model, spec.lr, spec.weight_decay, new_prefixes, spec.lr_mults),
+                           lr=spec.lr, momentum=spec.momentum, nesterov=False)
+
+
+def planned_schedule(n_items: int, batch_size: int, epochs: int, max_steps: int,
+                     ref_items: int = 0) -> tuple[int, int, int]:
     """(steps per epoch, total steps, epochs run) of :func:`train_loop`: full batches only
-    (drop_last, as IRN/ReCAM), ``epochs`` of them, cut at ``max_steps`` when it is set."""
+    (drop_last, as IRN/ReCAM), cut at ``max_steps`` when it is set.
+
+    Total steps: ``epochs * (n // batch_size)`` with n = ``ref_items`` when it is set (a recipe
+    given in epochs of a reference list, e.g. VOC's 10,582-image train_aug, reaches the same
+    number of optimiser steps on a smaller list: ReCAM's 4 epochs are 4 x 661 = 2,644 steps on
+    any list), else n = ``n_items``. Epochs run = passes over the ``n_items`` actually trained on
+    that the steps need (the last one cut short)."""
     steps_per_epoch = max(1, n_items // batch_size)
-    total = epochs * steps_per_epoch
+    total = epochs * (max(1, ref_items // batch_size) if ref_items else steps_per_epoch)
     if max_steps:
         total = min(total, max_steps)
     return steps_per_epoch, total, math.ceil(total / steps_per_epoch)
@@ -107,6 +143,11 @@ def _to_device(batch: tuple, device: torch.device, channels_last: bool) -> tuple
                 b = b.contiguous(memory_format=torch.channels_last)
         out.append(b)
     return tuple(out)
+
+
+def spec_schedule(spec: LoopSpec, n_items: int) -> tuple[int, int, int]:
+    """:func:`planned_schedule` of a :class:`LoopSpec` over ``n_items`` items."""
+    return planned_schedule(n_items, spec.batch_size, spec.epochs, spec.max_steps, spec.ref_items)
 
 
 def train_loop(
@@ -146,10 +187,9 @@ def train_loop(
         model.to(memory_format=torch.channels_last)
     if world > 1 and spec.sync_bn:
         dist.convert_sync_batchnorm(model, device)
-    opt = torch.optim.SGD(param_groups(model, spec.lr, spec.weight_decay, new_prefixes),
-                          lr=spec.lr, momentum=0.9, nesterov=False)
+    opt = make_optimizer(model, spec, new_prefixes)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    steps_per_epoch, total, n_epochs = planned_schedule(len(dataset), spec.batch_size, spec.epochs, spec.max_steps)
+    steps_per_epoch, total, n_epochs = spec_schedule(spec, len(dataset))
     resume_path = ckpt_dir / f"{spec.name}.resume.pt"
     fp = fingerprint(spec.fingerprint_keys)
     start_epoch, step = 0, 0

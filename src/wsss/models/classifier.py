@@ -30,8 +30,28 @@ class Classifier(nn.Module):
         c = self.backbone.out_channels
         self.classifier = nn.Conv2d(c, num_classes, 1, bias=False)
         self.recam_predictor: nn.Conv2d | None = None
+        self.frozen_bn = False
         if recam:
             self.add_recam_predictor()
+
+    def freeze_stem_bn(self) -> None:
+        """Freeze as IRN and ReCAM freeze their ImageNet ResNet-50 (Ahn et al. CVPR 2019; Chen
+        et al. CVPR 2022): conv1 and bn1 get no gradient (ReCAM net/resnet50_cam.py:43-48, IRN
+        net/resnet50_cam.py:39-43) and every BatchNorm normalises with its running statistics,
+        which never update (``FixedBatchNorm``, net/resnet50.py:10-13 of both); the affine
+        weights of the other BatchNorms still train. Kept across :meth:`train` calls."""
+        for p in (*self.backbone.stem[0].parameters(), *self.backbone.stem[1].parameters()):
+            p.requires_grad_(False)
+        self.frozen_bn = True
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen_bn:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
 
     def add_recam_predictor(self) -> None:
         self.recam_predictor = nn.Conv2d(self.backbone.out_channels, self.num_classes, 1, bias=False)

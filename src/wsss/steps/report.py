@@ -88,6 +88,21 @@ def collect(methods: list[str], read=_read) -> list[dict]:
     return rows
 
 
+def training_warnings(methods: list[str], read=_read) -> list[str]:
+    """One line per method whose training stage left a warning in its metrics
+    (``train_<method>.json``): ReCAM's predictor W' at chance (:func:`wsss.metrics.predictor_warning`).
+    The files are not dvc deps of this stage (a method's may not exist); a retrained method
+    changes its eval_seeds metrics, which are."""
+    from ..metrics import predictor_warning
+
+    lines = []
+    for m in methods:
+        warning = predictor_warning(read(f"train_{m}.json").get("predictor_acc"))
+        if warning:
+            lines.append(f"**{m}: {warning}**")
+    return lines
+
+
 def regime_values(rows: list[dict], val_map: float | None) -> dict:
     """The measured side of the regime block, from the rows and the classifier's val mAP."""
     cam = next((r for r in rows if r["method"] == "cam"), {})
@@ -172,7 +187,8 @@ def _regime_block(rows: list[dict], params: Params, spread: dict | None, values:
     return lines
 
 
-def markdown(rows: list[dict], params: Params, spread: dict | None = None, regime: dict | None = None) -> str:
+def markdown(rows: list[dict], params: Params, spread: dict | None = None, regime: dict | None = None,
+             warnings: list[str] | None = None) -> str:
     world = "synthetic VOC world" if params.dataset == "synth" else "PASCAL VOC 2012"
     which = (f"mean ± population std over random seeds {spread['seeds']}" if spread
              else f"random seed {params.seed}")
@@ -181,6 +197,8 @@ def markdown(rows: list[dict], params: Params, spread: dict | None = None, regim
              f"pseudo-mask mIoU on `{params.seed_split}` (dense CRF, conf_fg {params.conf_fg} / conf_bg "
              f"{params.conf_bg}, void counts as a miss), segmentation mIoU on `{params.val_split}`; "
              f"backbone {params.backbone}, {which}. Numbers are mIoU in %.", ""]
+    if warnings:
+        lines += [*warnings, ""]
     lines += _spread_table(spread) if spread else _single_table(rows)
     lines += ["", f"The oracle column is the best seed mIoU over threshold_sweep {list(params.threshold_sweep)}, "
               "picked on the scored images themselves: an upper bound on what tuning the threshold per "
@@ -233,10 +251,13 @@ def run(params: Params, spread: dict | None = None) -> dict:
         regime = {k: mean for k, (mean, _) in spread.get("regime", {}).items()}
     else:
         regime = regime_values(rows, _read("train_cls.json").get("val_map"))
-    text = markdown(rows, params, spread, regime)
+    warnings = training_warnings(list(params.methods)) if not spread else []
+    for w in warnings:
+        print(w)
+    text = markdown(rows, params, spread, regime, warnings)
     write_text(out_dir("report.md"), text)
     bar_chart(rows, out_dir("report.png"), spread)
-    result = {"rows": rows, "regime": regime, **({"spread": spread} if spread else {})}
+    result = {"rows": rows, "regime": regime, "warnings": warnings, **({"spread": spread} if spread else {})}
     write_json(out_dir("metrics", "report.json"), result)
     with step_run("report", params) as tracker:
         tracker.log_table([{k: (v if v is not None else float("nan")) for k, v in r.items()} for r in rows],

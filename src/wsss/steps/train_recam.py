@@ -4,16 +4,27 @@ Chen, Wang, Wu, Hua, Zhang and Sun, "Class Re-Activation Maps for Weakly-Supervi
 Segmentation", CVPR 2022.
 
 Starting from ``outputs/checkpoints/cls.pt``, a second bias-free 1x1 classifier W'
-(``recam_predictor``, K = 20 outputs, a new head: 10x learning rate) is added and the
-model trained for ``recam_epochs`` at ``recam_lr`` with
+(``recam_predictor``, K = 20 outputs) is added and the model trained with
 
     L = L_soft-margin(z, y) + recam_lambda * L_sce,
 
-    L_sce = 1/|P| sum_{(b,c) in P} CE( W' f_bc, c ),   f_bc = GAP(A_b * M_bc),
+    L_sce = 1/B sum_b [ 1/|P_b| sum_{c in P_b} CE( W' f_bc, c ) ],   f_bc = GAP(A_b * M_bc),
 
-where P are the (image, present class) pairs, A_b the last feature map of image b and M_bc
-the class-c mask normalised by its maximum, M_bc = m_bc / (max m_bc + 1e-5). At inference
-(``wsss.cams.cam.ReCAM``) the CAM uses the weights W * W'.
+where P_b are the classes present in image b (images without one add 0 and still count in
+B), A_b the last feature map of image b and M_bc the class-c mask normalised by its maximum,
+M_bc = m_bc / (max m_bc + 1e-5). At inference (``wsss.cams.cam.ReCAM``) the CAM uses the
+weights W * W'.
+
+The recipe of the official code (zhaozhengChen/ReCAM, docs/methods.md "ReCAM" cites the
+lines): the trunk and W at 0.1 ``recam_lr``, W' at ``recam_lr`` (step/train_recam.py:71-75),
+poly decay 0.9 over ``recam_epochs`` epochs of ``recipe_list_size`` images (4 x 661 = 2,644
+steps), SGD with ``recam_momentum`` (1e-4, the official PolyOptimizer's quirk), conv1/bn1 and
+the BatchNorm statistics frozen (``freeze_stem_bn``), trained on ``recam_split`` (train_aug),
+L_sce averaged per image then over the batch (net/resnet50_cam.py:147-173) with a gradient
+through the CAM mask (``recam_detach_mask``, net/resnet50_cam.py:93-98). W's accuracy on the
+present pairs (argmax of W' f_bc = c) is logged as the official code logs it
+(``predictor_acc``); a W' at chance re-weights W with noise, and :func:`predictor_warning`
+says so in the summary line and in the report.
 
 Masks m_bc:
 
@@ -53,21 +64,21 @@ from ..datasets import ClassificationData, random_scale_flip_crop, to_tensor
 from ..errors import UserError
 from ..distributed import is_main
 from ..io import write_json
+from ..metrics import predictor_warning
 from ..models.classifier import load_classifier
 from ..tracking import step_run
-from ..trainer import LoopSpec, classification_scores, train_loop
+from ..trainer import LoopSpec, classification_scores, frozen, train_loop
 from .common import checkpoint_path, open_split, out_dir, read_seed, summary
 
 VARIANTS = ("cam", "scorecam")
 TRAINING_KEYS = ("seed", "dataset", "data_dir", "recam_split", "subset", "recam_epochs", "recam_lr",
-                 "recam_lambda", "cls_batch_size", "cls_weight_decay", "cls_crop", "max_steps")
+                 "recam_lambda", "recam_momentum", "recam_detach_mask", "cls_batch_size", "cls_weight_decay",
+                 "cls_crop", "max_steps", "recipe_list_size", "freeze_stem_bn")
 SCORECAM_KEYS = ("scorecam_chunk", "scorecam_variant", "scorecam_baseline", "scorecam_score")
 #: what shapes the Score-CAM masks of recam_scorecam_mask: seeds (see :func:`scorecam_masks`)
 SEED_MASK_KEYS = ("scorecam_chunk", "scorecam_variant", "scorecam_baseline", "scorecam_score", "scorecam_scales",
                   "scorecam_flip", "cam_batch_size")
 EPS = 1e-5
-
-
 def stage_name(variant: str) -> str:
     """Checkpoint stem and method name: ``recam`` or ``recam-scorecam``."""
     return "recam" if variant == "cam" else "recam-scorecam"
@@ -79,24 +90,31 @@ def normalise_max(maps: torch.Tensor) -> torch.Tensor:
     return maps / (maps.flatten(2).amax(-1)[:, :, None, None] + EPS)
 
 
-def cam_masks(model: nn.Module, feats: torch.Tensor) -> torch.Tensor:
-    """M = CAM / max CAM (B, K, h, w) of the current features, detached.
+def cam_masks(model: nn.Module, feats: torch.Tensor, detach: bool = False) -> torch.Tensor:
+    """M = CAM / max CAM (B, K, h, w) of the current features (ReLU, then the max over h, w).
 
-    Detached: the mask only chooses *where* features are pooled for W'. ReCAM's L_sce is
-    meant to train W' and the features it reads; a gradient through the mask would let the
-    loss reshape the CAM itself (and through the max normalisation), and it keeps the CAM and
-    Score-CAM variants comparable (a Score-CAM mask has no gradient at all)."""
-    return normalise_max(model.raw_cams(feats.detach()).detach())
+    ``detach`` False is the official code (net/resnet50_cam.py:93-98): L_sce's gradient also
+    flows through the mask, its max normalisation included, into W and the trunk. True keeps
+    the mask out of the graph (the pre-issue-13 default here): the mask then only chooses
+    *where* features are pooled, as a Score-CAM mask (no gradient at all) does."""
+    if detach:
+        return normalise_max(model.raw_cams(feats.detach()).detach())
+    return normalise_max(model.raw_cams(feats))
 
 
 def recam_loss(model: nn.Module, feats: torch.Tensor, labels: torch.Tensor,
-               masks: torch.Tensor | None = None) -> torch.Tensor:
+               masks: torch.Tensor | None = None, with_acc: bool = False):
     """ReCAM's softmax cross-entropy L_sce (Chen et al., CVPR 2022) for a batch.
 
     ``feats`` A (B, C, h, w); ``labels`` (B, K) multi-hot; ``masks`` (B, K, h, w) in [0, 1]
     at feature size (None: :func:`cam_masks`). For every present pair (b, c):
-    f_bc = mean_{hw}(A_b * M_bc) (C,), p_bc = W' f_bc (K,), and
-    L_sce = mean_{(b,c)} CE(p_bc, c). Vectorised over all pairs; 0 (with a graph) when no class is present.
+    f_bc = mean_{hw}(A_b * M_bc) (C,), p_bc = W' f_bc (K,), and, averaged as the official
+    ``Class_Predictor`` does (net/resnet50_cam.py:165-173): the mean CE over the classes of
+    each image, summed over images, divided by the batch size B (images without a class count
+    in B). Vectorised over all pairs; 0 (with a graph) when no class is present.
+
+    ``with_acc``: also return the accuracy of W' (argmax p_bc = c) over all present pairs of
+    the batch, as the official code logs it (a float; nan without pairs).
     """
     if model.recam_predictor is None:
         raise ValueError("model has no recam_predictor; call add_recam_predictor() first")
@@ -106,10 +124,16 @@ def recam_loss(model: nn.Module, feats: torch.Tensor, labels: torch.Tensor,
         raise ValueError(f"masks {tuple(masks.shape[-2:])} and features {tuple(feats.shape[-2:])} differ in size")
     b, c = (labels > 0).nonzero(as_tuple=True)
     if b.numel() == 0:
-        return feats.sum() * 0.0
+        loss = feats.sum() * 0.0
+        return (loss, float("nan")) if with_acc else loss
     f = torch.einsum("pchw,phw->pc", feats[b], masks[b, c].to(feats.dtype)) / (feats.shape[-2] * feats.shape[-1])
     p = model.recam_predictor(f[:, :, None, None]).flatten(1)
-    return F.cross_entropy(p, c)
+    ce = F.cross_entropy(p, c, reduction="none")
+    per_image = (labels > 0).sum(1).to(ce.dtype)  # |P_b|
+    loss = (ce / per_image[b]).sum() / labels.shape[0]
+    if not with_acc:
+        return loss
+    return loss, float((p.argmax(1) == c).float().mean())
 
 
 def pool_masks(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -211,7 +235,7 @@ def make_step_fn(params: Params, variant: str, source: str):
 
     def masks_for(m, x, y, feats, batch):
         if variant == "cam":
-            return cam_masks(m, feats)
+            return cam_masks(m, feats, detach=params.recam_detach_mask)
         if source == "seeds":
             return pool_masks(batch[3], feats.shape[-2:])
         from ..cams.scorecam import scorecam_batch, study_scorecam_batch
@@ -229,9 +253,10 @@ def make_step_fn(params: Params, variant: str, source: str):
         logits = m.head(feats)
         masks = masks_for(m, x, y, feats, batch)
         l_cls = F.multilabel_soft_margin_loss(logits, y)
-        l_sce = recam_loss(m, feats, y, masks)
+        l_sce, acc = recam_loss(m, feats, y, masks, with_acc=True)
         loss = l_cls + lam * l_sce
-        return loss, {"loss": loss.item(), "loss_cls": l_cls.item(), "loss_sce": l_sce.item()}
+        return loss, {"loss": loss.item(), "loss_cls": l_cls.item(), "loss_sce": l_sce.item(),
+                      "predictor_acc": acc}
 
     return step_fn
 
@@ -247,6 +272,8 @@ def run(params: Params, variant: str = "cam") -> dict:
     model, cls_ckpt = load_classifier(checkpoint_path("cls"), device)
     if model.recam_predictor is None:
         model.add_recam_predictor()
+    if frozen(params, trained_start=True):  # ReCAM always starts from the trained cls.pt
+        model.freeze_stem_bn()
     train = open_split(params, params.recam_split)
     val = open_split(params, params.val_split)
     masks_dir = None
@@ -269,22 +296,34 @@ def run(params: Params, variant: str = "cam") -> dict:
             masks_dir.cleanup()
 
 
-def _train(params, variant, source, model, data, val, keys, device, name, stage, train) -> dict:
-    spec = LoopSpec(name, params.recam_epochs, params.recam_lr, params.cls_batch_size,
-                    params.cls_weight_decay, params.max_steps, keys,
+def loop_spec(params: Params, name: str = "recam", keys: dict | None = None) -> LoopSpec:
+    """The optimiser and schedule of train-recam (docs/methods.md, "ReCAM"): the trunk and W at
+    0.1 ``recam_lr``, W' (new prefix ``recam_predictor``) at ``recam_lr``."""
+    return LoopSpec(name, params.recam_epochs, params.recam_lr, params.cls_batch_size,
+                    params.cls_weight_decay, params.max_steps, keys or {}, lr_mults=(0.1, 1.0),
+                    momentum=params.recam_momentum, ref_items=params.recipe_list_size,
                     batch_key="cls_batch_size", sync_bn=params.sync_bn, cuda_amp=params.cuda_amp)
+
+
+def _train(params, variant, source, model, data, val, keys, device, name, stage, train) -> dict:
+    spec = loop_spec(params, name, keys)
     step_fn = make_step_fn(params, variant, source)
     with step_run("train", params, method=name) as tracker:
         logs = train_loop(spec, model, data, step_fn, out_dir("checkpoints"), device, tracker, params.seed,
                           new_prefixes=("recam_predictor",),
                           epoch_end=lambda m, e: classification_scores(m, val, device))
         nan = float("nan")
-        metrics = {k: logs.get(k, nan) for k in ("loss", "loss_cls", "loss_sce", "val_map", "val_f1")}
+        metrics = {k: logs.get(k, nan) for k in ("loss", "loss_cls", "loss_sce", "predictor_acc", "val_map",
+                                                 "val_f1")}
         metrics.update({"steps": int(logs["steps"]), "n_train": len(train)})
         tracker.log_metrics({f"final_{k}": v for k, v in metrics.items()})
         tracker.set_tags({"wsss.recam_mask": "cam" if variant == "cam" else f"scorecam-{source}"})
         if is_main():
             write_json(out_dir("metrics", f"train_{name}.json"), metrics)
-    summary(stage, f"{metrics['steps']} steps, loss {metrics['loss']:.4f} (sce {metrics['loss_sce']:.4f}), "
+    summary(stage, f"{metrics['steps']} steps, loss {metrics['loss']:.4f} (sce {metrics['loss_sce']:.4f}, "
+                   f"W' accuracy {metrics['predictor_acc']:.3f}), "
                    f"val mAP {metrics['val_map']:.3f}, val F1 {metrics['val_f1']:.3f}")
+    warning = predictor_warning(metrics["predictor_acc"], model.num_classes)
+    if warning and is_main():
+        print(f"[{stage}] {warning}")
     return metrics
