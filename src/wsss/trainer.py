@@ -93,11 +93,15 @@ def train_loop(
     new_prefixes: tuple[str, ...] = ("classifier",),
     extra_state: dict | None = None,
     epoch_end: Callable[[nn.Module, int], dict[str, float]] | None = None,
+    momentum: float = 0.9,
+    grad_clip: float = 0.0,
 ) -> dict[str, float]:
-    """Train ``model`` with ``step_fn(model, batch, step) -> (loss, logs)``; returns final logs."""
+    """Train ``model`` with ``step_fn(model, batch, step) -> (loss, logs)``; returns final logs.
+    ``momentum``: SGD's; ``grad_clip`` > 0 clips the gradient norm of all parameters to it
+    before each step (SIPE's ``clip_grad_norm_(..., max_norm=1)``)."""
     model.to(device)
     opt = torch.optim.SGD(param_groups(model, spec.lr, spec.weight_decay, new_prefixes),
-                          lr=spec.lr, momentum=0.9, nesterov=False)
+                          lr=spec.lr, momentum=momentum, nesterov=False)
     steps_per_epoch, total, n_epochs = planned_schedule(len(dataset), spec.batch_size, spec.epochs, spec.max_steps)
     resume_path = ckpt_dir / f"{spec.name}.resume.pt"
     fp = fingerprint(spec.fingerprint_keys)
@@ -138,6 +142,8 @@ def train_loop(
             loss, step_logs = step_fn(model, batch, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             opt.step()
             step += 1
             n += 1
@@ -195,21 +201,25 @@ def classification_scores(model: nn.Module, voc, device: torch.device, batch_siz
 
 def fit_classifier(stage: str, params, spec: LoopSpec, model: nn.Module, train, val, step_fn,
                    ckpt_dir: Path, metrics_path: Path, loss_keys: tuple[str, ...] = ("loss",),
-                   new_prefixes: tuple[str, ...] = ("classifier",), method: str | None = None) -> dict:
+                   new_prefixes: tuple[str, ...] = ("classifier",), method: str | None = None,
+                   data=None, momentum: float = 0.9, grad_clip: float = 0.0) -> dict:
     """One image-label training stage (train-cls, train-puzzle, train-sipe): ``train_loop`` over
     the random crops of ``train`` (crop ``cls_crop``) with val mAP/F1 after every epoch, in one
     MLflow run; writes the final metrics (``loss_keys`` + val_map, val_f1, steps, n_train) as
-    JSON to ``metrics_path`` and returns them."""
+    JSON to ``metrics_path`` and returns them. ``data``: the training dataset when the stage needs
+    another one than the crops (SIPE's crops with their padding masks); ``momentum`` and
+    ``grad_clip`` go to :func:`train_loop`."""
     from .config import resolve_device
     from .datasets import ClassificationData
     from .io import write_json
     from .tracking import step_run
 
     device = resolve_device(params.device)
-    data = ClassificationData(train, params.cls_crop, params.seed)
+    data = data if data is not None else ClassificationData(train, params.cls_crop, params.seed)
     with step_run(stage, params, method=method) as tracker:
         logs = train_loop(spec, model, data, step_fn, ckpt_dir, device, tracker, params.seed,
-                          new_prefixes=new_prefixes, epoch_end=lambda m, e: classification_scores(m, val, device))
+                          new_prefixes=new_prefixes, epoch_end=lambda m, e: classification_scores(m, val, device),
+                          momentum=momentum, grad_clip=grad_clip)
         metrics = {k: logs.get(k, float("nan")) for k in (*loss_keys, "val_map", "val_f1")}
         metrics.update({"steps": int(logs["steps"]), "n_train": len(train)})
         tracker.log_metrics({f"final_{k}": v for k, v in metrics.items()})
