@@ -104,10 +104,14 @@ class Params:
     puzzle_alpha: float = 4.0
     puzzle_init: str = "cls"  # cls: continue from outputs/checkpoints/cls.pt | pretrained
     # SIPE (Chen et al. 2022)
-    sipe_epochs: int = 10
+    sipe_epochs: int = 5  # epochs of VOC train_aug (10,582 images): 5 x 661 = 3,305 steps at batch 16
     sipe_lr: float = 0.01
     sipe_lambda: float = 1.0
     sipe_init: str = "cls"  # cls: continue from outputs/checkpoints/cls.pt | pretrained
+    # the official PolyOptimizerSGD passes the weight decay (1e-4) into SGD's momentum slot
+    # (tool/torchutils.py:13-14), so SIPE's reference trains with momentum 1e-4, not 0.9
+    sipe_momentum: float = 1e-4
+    sipe_grad_clip: float = 1.0  # gradient-norm clip of all parameters (0 = off), as the official code
 
     # dense CRF pseudo-masks
     conf_fg: float = 0.35
@@ -178,10 +182,13 @@ class Params:
                  "cls_batch_size", "cls_lr", "cls_crop", "cam_batch_size", "scorecam_chunk",
                  "recam_epochs", "recam_lr", "puzzle_epochs", "puzzle_lr", "sipe_epochs",
                  "sipe_lr", "seg_epochs", "seg_batch_size", "seg_lr", "seg_crop")
+        if not 0 <= self.sipe_momentum < 1:
+            raise bad("sipe_momentum", f"must be in [0, 1) (got {self.sipe_momentum!r}); the official SIPE uses 0.0001")
         if self.synth_size < 32:
             raise bad("synth_size", f"must be >= 32 (got {self.synth_size})")
         for k in ("num_workers", "threads", "subset", "crf_iters", "synth_n_extra", "max_steps", "synth_void_width",
-                  "cls_weight_decay", "seg_weight_decay", "recam_lambda", "puzzle_alpha", "sipe_lambda", "seg_val_every"):
+                  "cls_weight_decay", "seg_weight_decay", "recam_lambda", "puzzle_alpha", "sipe_lambda", "seg_val_every",
+                  "sipe_grad_clip"):
             if getattr(self, k) < 0:
                 raise bad(k, f"must be >= 0 (got {getattr(self, k)!r})")
         if (len(self.synth_extent) != 2 or not 0 < self.synth_extent[0] <= self.synth_extent[1] <= 1.5):
