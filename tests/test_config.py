@@ -84,6 +84,8 @@ def test_replace_names_its_source():
         ({"threads": -1}, "threads"),
         ({"puzzle_init": "imagenet"}, "puzzle_init"),
         ({"sipe_init": "scratch"}, "sipe_init"),
+        ({"sipe_momentum": 1.0}, "sipe_momentum"),
+        ({"sipe_grad_clip": -1.0}, "sipe_grad_clip"),
     ],
 )
 def test_bad_values_name_the_key(raw, key):

@@ -274,12 +274,12 @@ def test_poly_learning_rate_at_every_step(monkeypatch, tmp_path):
 def test_sipe_total_loss_weights_gsc_by_lambda(monkeypatch):
     """Fixed SIPE outputs: logits 0 -> soft-margin loss ln 2 (every class contributes
     -ln sigmoid(0) or -ln(1 - sigmoid(0))); maps (background, class 0) = [[1, 0]], [[0, 1]] and
-    IS-CAMs 0 over 2 pixels -> per-channel L1 1/2 each, L_gsc = 1/2. Total = ln 2 + lambda / 2."""
+    IS-CAMs 0 over 2 pixels -> mean |map - 0| over the 4 entries = 1/2. Total = ln 2 + lambda / 2."""
     from wsss.steps import train_sipe
 
     outs = {"logits": torch.zeros(1, 20), "maps": torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]]),
             "iscam": torch.zeros(1, 2, 1, 2), "valid": torch.tensor([[True, True]])}
-    monkeypatch.setattr(train_sipe, "sipe_outputs", lambda m, x, y: outs)
+    monkeypatch.setattr(train_sipe, "sipe_outputs", lambda m, x, y, crop=None: outs)
     y = torch.zeros(1, 20)
     y[0, 0] = 1
     totals = {}

@@ -172,37 +172,93 @@ def test_puzzle_losses_odd_crop():
 
 
 # ---------------------------------------------------------------------------- SIPE math
-def test_sipe_prototypes_and_iscam_hand_made():
-    # 2x2 pixels: left column looks like e1 (an object of class 3), right column like e2
-    e1, e2 = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 2.0, 0.0])
-    hie = torch.stack([e1, e2, e1, e2], dim=1).view(1, 3, 2, 2)
+# Hand-made cases under the official convention (chenqi1126/SIPE network/resnet50_SIPE.py,
+# train_resnet50_SIPE.py); channel 0 is the background, channel k+1 class k.
+def test_sipe_normalised_cams_background_over_all_twenty_maps():
+    """bg = 1 - max over all 20 normalised maps (absent classes too), then the valid mask."""
+    raw = torch.zeros(1, 20, 1, 2)
+    raw[0, 3] = torch.tensor([4.0, 2.0])  # present: normalised [1, 0.5]
+    raw[0, 7] = torch.tensor([-1.0, 5.0])  # absent: ReLU, normalised [0, 1]
+    maps = msipe.normalised_cams(raw)
+    assert torch.allclose(maps[0, 0, 0], torch.tensor([0.0, 0.0]), atol=1e-4)  # 1 - max(1, 0) | 1 - max(.5, 1)
+    assert torch.allclose(maps[0, 4, 0], torch.tensor([1.0, 0.5]), atol=1e-4)
     labels = torch.zeros(1, 20)
     labels[0, 3] = 1
-    raw = torch.zeros(1, 20, 2, 2)
-    raw[0, 3, :, 0] = 5.0
-    maps = msipe.normalised_cams(raw, labels)
-    assert maps.shape == (1, 21, 2, 2)
-    assert torch.allclose(maps[0, 4, :, 0], torch.ones(2), atol=1e-5)  # class 3 at channel 4
-    assert torch.allclose(maps[0, 0], torch.tensor([[0.0, 1.0], [0.0, 1.0]]), atol=1e-5)  # background
-    valid = msipe.valid_channels(labels)
-    assert valid[0].nonzero().flatten().tolist() == [0, 4]
-    S = msipe.correlation(hie)
-    assert torch.allclose(S[0].diagonal(), torch.ones(4))  # cosine of a feature with itself
-    seeds = msipe.structure_seeds(hie, maps, valid)
-    assert seeds.tolist() == [[4, 0, 4, 0]]
-    protos = msipe.prototypes(hie, seeds, 21)
-    assert torch.allclose(protos[0, 4], e1) and torch.allclose(protos[0, 0], e2)
-    assert protos[0, 1].abs().sum() == 0  # empty region: zero prototype
+    crop = torch.tensor([[[1.0, 0.0]]])  # right pixel is padding
+    mask = msipe.valid_mask(labels, (1, 2), crop)
+    assert mask[0, :, 0, 0].nonzero().flatten().tolist() == [0, 4] and mask[0, :, 0, 1].sum() == 0
+
+
+def _sipe_case():
+    """1x4 image: semantic features e1, e1, e2, e2 (two orthogonal groups, S_ij = 1 inside a
+    group); class 3 map [1, .5, 0, 0], background [0, .5, 1, 1]; hierarchical features
+    f = [1,0], [3,0], [0,1], [1,1]."""
+    feats = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]).view(1, 2, 1, 4)
+    maps = torch.zeros(1, 21, 1, 4)
+    maps[0, 4, 0] = torch.tensor([1.0, 0.5, 0.0, 0.0])
+    maps[0, 0, 0] = torch.tensor([0.0, 0.5, 1.0, 1.0])
+    hie = torch.tensor([[1.0, 3.0, 0.0, 1.0], [0.0, 0.0, 1.0, 1.0]]).view(1, 2, 1, 4)
+    labels = torch.zeros(1, 20)
+    labels[0, 3] = 1
+    return feats, maps, hie, labels
+
+
+def test_sipe_seeds_prototypes_iscam_hand_made():
+    feats, maps, hie, labels = _sipe_case()
+    mask = msipe.valid_mask(labels, (1, 4))
+    # pixel 0 (row S = [1,1,0,0], sum 2): class 3 IoU = 1.5 / (2 + 1.5 - 1.5) = .75,
+    # background .5 / (2 + 2.5 - .5) = .125, halved .0625 -> class 3 (pixel 1 the same);
+    # pixel 2: class 3 IoU 0, background 2 / (2 + 2.5 - 2) = .8, halved .4 -> background
+    seeds = msipe.structure_seeds(feats, maps, mask)
+    assert seeds.shape == (1, 21, 1, 4)
+    assert seeds[0, 4, 0].tolist() == [1, 1, 0, 0] and seeds[0, 0, 0].tolist() == [0, 0, 1, 1]
+    assert seeds.sum() == 4
+    # prototypes: average pooling over all 4 pixels of the seed-masked f
+    protos = msipe.prototypes(hie, seeds)
+    assert torch.allclose(protos[0, 4], torch.tensor([1.0, 0.0]))  # ([1,0] + [3,0]) / 4
+    assert torch.allclose(protos[0, 0], torch.tensor([0.25, 0.5]))  # ([0,1] + [1,1]) / 4
+    assert protos[0, 1].abs().sum() == 0
     isc = msipe.is_cams(hie, protos)
-    assert torch.allclose(isc[0, 4], torch.tensor([[1.0, 0.0], [1.0, 0.0]]), atol=1e-5)
-    assert torch.allclose(isc[0, 0], torch.tensor([[0.0, 1.0], [0.0, 1.0]]), atol=1e-5)
-    assert isc[0, 1].abs().sum() == 0
-    assert msipe.gsc_loss(maps, isc, valid).item() == pytest.approx(0.0, abs=1e-5)
-    # the loss counts only the background and present classes, averaged over pixels
-    off = isc.clone()
-    off[0, 4] = 0.0
-    off[0, 9] = 7.0  # absent class: ignored
-    assert msipe.gsc_loss(maps, off, valid).item() == pytest.approx(0.25, abs=1e-5)
+    r2, r5 = math.sqrt(2), math.sqrt(0.3125)  # |[1,1]|, |[.25,.5]|
+    assert torch.allclose(isc[0, 4, 0], torch.tensor([1.0, 1.0, 0.0, 1 / r2]), atol=1e-5)
+    assert torch.allclose(isc[0, 0, 0], torch.tensor([0.25 / r5, 0.75 / (3 * r5), 0.5 / r5, 0.75 / (r2 * r5)]),
+                          atol=1e-5)
+    assert isc[0, 1].abs().sum() == 0  # zero prototype -> 0
+
+
+def test_sipe_seeds_halve_background_and_drop_masked_winners():
+    # one group (S all ones): class [1, 0] and background [0, 1] tie at IoU .5; halving -> class
+    feats = torch.ones(1, 2, 1, 2)
+    maps = torch.zeros(1, 21, 1, 2)
+    maps[0, 1, 0] = torch.tensor([1.0, 0.0])
+    maps[0, 0, 0] = torch.tensor([0.0, 1.0])
+    labels = torch.zeros(1, 20)
+    labels[0, 0] = 1
+    seeds = msipe.structure_seeds(feats, maps, msipe.valid_mask(labels, (1, 2)))
+    assert seeds[0, 1, 0].tolist() == [1, 1] and seeds[0, 0].sum() == 0
+    # an absent class whose map wins (inference: maps are not masked) seeds nothing
+    feats, maps, hie, labels = _sipe_case()
+    maps[0, 6, 0] = torch.tensor([0.0, 0.0, 1.0, 1.0])  # absent class 5: IoU at pixel 2 = 1 > .4
+    seeds = msipe.structure_seeds(feats, maps, msipe.valid_mask(labels, (1, 4)))
+    assert seeds[0, 4, 0].tolist() == [1, 1, 0, 0] and seeds[0, 0].sum() == 0 and seeds[0, 6].sum() == 0
+    # padding (crop mask 0) seeds nothing either
+    feats, maps, hie, labels = _sipe_case()
+    crop = torch.tensor([[[1.0, 1.0, 1.0, 0.0]]])
+    seeds = msipe.structure_seeds(feats, maps, msipe.valid_mask(labels, (1, 4), crop))
+    assert seeds[0, 0, 0].tolist() == [0, 0, 1, 0]
+
+
+def test_sipe_gsc_loss_hand_made():
+    """IS-CAM / (its max + 1e-5), then the mean over all 21 channels and pixels:
+    bg |[0,1] - [.2,.4]/.4| = [.5, 0], class 3 |[1,0] - [.5,.25]/.5| = [0, .5], absent 0:
+    (0.5 + 0.5) / (21 * 2)."""
+    maps = torch.zeros(1, 21, 1, 2)
+    maps[0, 0, 0] = torch.tensor([0.0, 1.0])
+    maps[0, 4, 0] = torch.tensor([1.0, 0.0])
+    isc = torch.zeros(1, 21, 1, 2)
+    isc[0, 0, 0] = torch.tensor([0.2, 0.4])
+    isc[0, 4, 0] = torch.tensor([0.5, 0.25])
+    assert msipe.gsc_loss(maps, isc).item() == pytest.approx(1.0 / 42, abs=1e-5)
 
 
 def test_sipe_model_forward_and_spec():
@@ -211,12 +267,124 @@ def test_sipe_model_forward_and_spec():
     torch.manual_seed(0)
     plain = Classifier("resnet18", 16, "none")
     assert torch.equal(model.classifier.weight, plain.classifier.weight)  # same init as train-cls
+    assert len(model.side) == 4 and model.side_dims == [32, 32, 64, 64]  # layers 1-4, official ratios
     y = torch.zeros(2, 20)
     y[0, 1] = 1
-    out = msipe.sipe_outputs(model, torch.randn(2, 3, 40, 40), y)
+    x = torch.randn(2, 3, 40, 40)
+    out = msipe.sipe_outputs(model, x, y)
     assert out["iscam"].shape == (2, 21, 3, 3) and out["maps"].shape == (2, 21, 3, 3)
-    assert out["seeds"].shape == (2, 9) and set(out["seeds"][1].tolist()) == {0}
+    with torch.no_grad():  # background = 1 - max over all 20 normalised CAMs, present or not
+        cam = F.relu(F.conv2d(model.features(x), model.classifier.weight))
+        bg = 1 - (cam / (cam.amax((2, 3), keepdim=True) + 1e-5)).amax(1)
+    assert torch.allclose(out["maps"][:, 0], bg, atol=1e-5)
+    assert out["maps"][0, 3:].abs().sum() == 0 and out["maps"][1, 1:].abs().sum() == 0  # absent classes 0
+    assert out["seeds"].shape == (2, 21, 3, 3) and out["seeds"][1, 1:].sum() == 0  # no class: seeds bg only
+    hie = model.hie_features(model.stages(torch.randn(1, 3, 40, 40)))
+    assert hie.shape[1] == 192
+    # each branch is L2-normalised per pixel *before* the resize to layer3's size (official order):
+    # unit norm for layers 3-4 (already 3x3), an average of unit vectors (< 1) for layers 1-2
+    norms = [hie[0, a:b].norm(dim=0) for a, b in [(0, 32), (32, 64), (64, 128), (128, 192)]]
+    assert all(torch.allclose(n, torch.ones(3, 3), atol=1e-3) for n in norms[2:])
+    assert all(bool((n < 1).all()) and bool((n > 0.3).all()) for n in norms[:2])
     assert model.spec()["kind"] == "sipe"
+
+
+def test_sipe_crop_mask_marks_padding():
+    """White images: the crop is black exactly on padding, so mask == (pixel not black)."""
+    from wsss.models.backbone import IMAGENET_MEAN, IMAGENET_STD
+
+    class _Voc:
+        ids = ["a", "b"]
+
+        def image(self, i):
+            return np.full((20, 30, 3), 255, np.uint8)
+
+        def labels(self, i):
+            return np.zeros(20, np.float32)
+
+    data = train_sipe.CropMaskData(_Voc(), 32, rng_seed=0)
+    for idx in range(2):
+        x, _, _, crop = data[idx]
+        red = x[0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]  # back to [0, 1]
+        assert crop.shape == (32, 32) and 0 < crop.sum() < 32 * 32
+        assert torch.equal(crop, (red > 0.5).float())
+
+
+def _tiny_sipe_world():
+    """(model, batches) for two optimiser steps of train_loop on random crops."""
+    torch.manual_seed(0)
+    model = msipe.SIPEClassifier("resnet18", 16, "none")
+    model.freeze_stem()
+    x = torch.randn(8, 3, 32, 32)
+    y = torch.zeros(8, 20)
+    y[:, 2] = 1
+    y[::2, 5] = 1
+
+    class _Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return x[i] * 3, y[i], i, torch.ones(32, 32)
+
+    return model, _Data()
+
+
+def test_sipe_frozen_layers_and_learning_rates(params, tmp_path, monkeypatch):
+    """Official: stem and layers 1-2 never move (layer2's output detached, conv1/bn1 without
+    gradient), BatchNorm statistics stay; layers 3-4, classifier and side branches move.
+    Learning rates: backbone sipe_lr, side branches 10x, times (1 - t/T)^0.9; momentum
+    sipe_momentum; gradient norm clipped to sipe_grad_clip before each step."""
+    from wsss import trainer
+
+    model, data = _tiny_sipe_world()
+    before = copy.deepcopy(model.state_dict())
+    seen = []
+    real_step = torch.optim.SGD.step
+
+    def spy(self, *a, **k):
+        norm = torch.sqrt(sum((p.grad.detach() ** 2).sum() for g in self.param_groups for p in g["params"]
+                              if p.grad is not None))
+        seen.append(([(g["lr"], g["momentum"], len(g["params"])) for g in self.param_groups], float(norm)))
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", spy)
+    p = dataclasses.replace(params, sipe_lr=0.1, cls_batch_size=2, max_steps=0)
+    spec = dataclasses.replace(train_sipe.loop_spec(dataclasses.replace(p, max_steps=4, cls_batch_size=2,
+                                                                         recipe_list_size=0), {}),
+                               epochs=1)  # 4 steps of batch 2
+    trainer.train_loop(spec, model, data, train_sipe.make_step_fn(p), tmp_path, torch.device("cpu"),
+                       _NoTracker(), 0, new_prefixes=("side",))
+    assert len(seen) == 4
+    n_side = len(list(model.side.parameters()))
+    for t, (groups, norm) in enumerate(seen):
+        decay = (1 - t / 4) ** 0.9  # t = 0: 1; t = 2: 0.5^0.9 = 0.5359
+        assert groups[0][0] == pytest.approx(0.1 * decay) and groups[1][0] == pytest.approx(1.0 * decay)
+        assert groups[0][1] == groups[1][1] == 1e-4 and groups[1][2] == n_side
+        assert norm <= 1.0 + 1e-4
+    assert seen[2][0][0][0] == pytest.approx(0.1 * 0.5 ** 0.9)
+    after = model.state_dict()
+    for name, v in before.items():
+        frozen = name.startswith(("backbone.stem", "backbone.layer1", "backbone.layer2")) or "running" in name \
+            or "num_batches" in name
+        if frozen:
+            assert torch.equal(v, after[name]), name
+    for prefix in ("backbone.layer3", "backbone.layer4", "classifier", "side.0", "side.3"):
+        assert any(not torch.equal(v, after[n]) for n, v in before.items() if n.startswith(prefix)
+                   and "running" not in n and "num_batches" not in n), prefix
+
+
+class _NoTracker:
+    def log_metrics(self, *a, **k):
+        pass
+
+
+def test_sipe_recipe_in_voc_steps(params):
+    """sipe_epochs counts epochs of VOC train_aug (10,582 images): 5 at batch 16 = 5 * 661 = 3305
+    steps; on 640 images (40 steps an epoch) that is 83 epochs, the last cut; max_steps caps."""
+    p = dataclasses.replace(params, sipe_epochs=5, cls_batch_size=16, max_steps=0, recipe_list_size=10582)
+    assert train_sipe.schedule(p, 640) == (83, 3305)
+    assert train_sipe.schedule(dataclasses.replace(p, max_steps=100), 640) == (3, 100)
 
 
 # ---------------------------------------------------------------------------- tiny runs
@@ -418,6 +586,44 @@ def test_train_sipe_run_and_iscam(params, tmp_path):
     assert cams.min() >= 0 and cams.max() <= 1
     with pytest.raises(UserError, match="SIPE"):
         ISCAM(build_classifier(params), params)
+    # the seed file carries SIPE's background IS-CAM as `bg`. With every class weight zero all
+    # CAMs are 0, the background 1 - 0 = 1 wins every pixel, so the background prototype is the
+    # mean of the hierarchical features f and bg = ReLU(cos(f_i, mean f)), upsampled, / its max
+    from wsss.datasets import to_tensor
+    from wsss.steps import seeds as seeds_step
+    from wsss.steps.common import open_split, read_seed
+
+    seeds_step.run(params, "sipe")
+    voc = open_split(params, params.seed_split)
+    id_ = voc.ids[0]
+    path = tmp_path / "outputs" / "seeds" / "sipe" / f"{id_}.npz"
+    shape = voc.mask(id_).shape
+    keys, cams, bg = read_seed(path, "sipe", shape, with_bg=True)
+    assert bg.shape == shape and bg.dtype == np.float32 and 0 <= bg.min() and bg.max() <= 1
+    k2, c2 = read_seed(path, "sipe", shape)  # the two-item reading of every other step
+    assert np.array_equal(k2, keys) and np.array_equal(c2, cams)
+    np.testing.assert_allclose(cams, ISCAM(model, params)(voc.image(id_), keys.tolist()), atol=1e-5)
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+    save_torch(path.parents[2] / "checkpoints" / "sipe.pt", {**ckpt, "model": model.state_dict()})
+    seeds_step.run(params, "sipe")
+    for id_ in voc.ids[:3]:
+        image = voc.image(id_)
+        keys, cams, bg = read_seed(path.with_name(f"{id_}.npz"), "sipe", image.shape[:2], with_bg=True)
+        with torch.no_grad():
+            f = model.hie_features(model.stages(to_tensor(image)[None]))
+            b = F.relu(F.cosine_similarity(f, f.mean((2, 3), keepdim=True), dim=1))[None]
+            b = F.interpolate(b, size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0]
+        np.testing.assert_allclose(bg, (b / (b.max() + 1e-5)).numpy(), atol=1e-4)
+        assert bg.max() == pytest.approx(1.0, abs=1e-4) and not cams.any()
+    path = path.with_name(f"{id_}.npz")
+    shape = image.shape[:2]
+    z = dict(np.load(path))
+    save_npz(path, keys=z["keys"], cams=z["cams"], bg=z["bg"][:-1])
+    with pytest.raises(UserError, match="'bg' has shape"):
+        read_seed(path, "sipe", shape, with_bg=True)
+    save_npz(path, keys=z["keys"], cams=z["cams"])  # files of other methods: no bg
+    assert read_seed(path, "sipe", shape, with_bg=True)[2] is None
     # load_any reads plain checkpoints too
     write_cls_checkpoint(params, tmp_path)
     plain, _ = msipe.load_any(tmp_path / "outputs" / "checkpoints" / "cls.pt")

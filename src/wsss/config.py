@@ -124,10 +124,14 @@ class Params:
     puzzle_alpha: float = 4.0
     puzzle_init: str = "cls"  # cls: continue from outputs/checkpoints/cls.pt | pretrained
     # SIPE (Chen et al. 2022)
-    sipe_epochs: int = 10
+    sipe_epochs: int = 5  # epochs of VOC train_aug (10,582 images): 5 x 661 = 3,305 steps at batch 16
     sipe_lr: float = 0.01
     sipe_lambda: float = 1.0
     sipe_init: str = "cls"  # cls: continue from outputs/checkpoints/cls.pt | pretrained
+    # the official PolyOptimizerSGD passes the weight decay (1e-4) into SGD's momentum slot
+    # (tool/torchutils.py:13-14), so SIPE's reference trains with momentum 1e-4, not 0.9
+    sipe_momentum: float = 1e-4
+    sipe_grad_clip: float = 1.0  # gradient-norm clip of all parameters (0 = off), as the official code
 
     # dense CRF pseudo-masks
     conf_fg: float = 0.35
@@ -206,10 +210,10 @@ class Params:
             raise bad("synth_size", f"must be >= 32 (got {self.synth_size})")
         for k in ("num_workers", "threads", "subset", "crf_iters", "synth_n_extra", "max_steps", "synth_void_width",
                   "cls_weight_decay", "seg_weight_decay", "recam_lambda", "puzzle_alpha", "sipe_lambda", "seg_val_every",
-                  "recipe_list_size"):
+                  "recipe_list_size", "sipe_grad_clip"):
             if getattr(self, k) < 0:
                 raise bad(k, f"must be >= 0 (got {getattr(self, k)!r})")
-        for k in ("cls_momentum", "recam_momentum"):
+        for k in ("cls_momentum", "recam_momentum", "sipe_momentum"):
             if not 0 <= getattr(self, k) < 1:
                 raise bad(k, f"must be in [0, 1) (got {getattr(self, k)!r}); the official code runs 1e-4, 0.9 is usual")
         if 0 < self.recipe_list_size < self.cls_batch_size:

@@ -56,6 +56,9 @@ class LoopSpec:
     #: epochs count passes over a list of this many items (VOC train_aug: 10,582), not over
     #: the dataset trained on; 0 = over the dataset (see :func:`planned_schedule`)
     ref_items: int = 0
+    #: > 0: clip the gradient norm of all parameters to it before each step (SIPE's
+    #: ``clip_grad_norm_(..., max_norm=1)``; under fp16 AMP after unscaling)
+    grad_clip: float = 0.0
 
 
 def fingerprint(d: dict) -> str:
@@ -246,6 +249,9 @@ def train_loop(
                 loss, step_logs = run_step(batch, step)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if spec.grad_clip > 0:
+                scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
             scaler.step(opt)
             scaler.update()
             step += 1
@@ -310,7 +316,8 @@ def classification_scores(model: nn.Module, voc, device: torch.device, batch_siz
 
 def fit_classifier(stage: str, params, spec: LoopSpec, model: nn.Module, train, val, step_fn,
                    ckpt_dir: Path, metrics_path: Path, loss_keys: tuple[str, ...] = ("loss",),
-                   new_prefixes: tuple[str, ...] = ("classifier",), method: str | None = None) -> dict:
+                   new_prefixes: tuple[str, ...] = ("classifier",), method: str | None = None,
+                   data=None) -> dict:
     """One image-label training stage (train-cls, train-puzzle, train-sipe): ``train_loop`` over
     the random crops of ``train`` (crop ``cls_crop``) with val mAP/F1 after every epoch, in one
     MLflow run; writes the final metrics (``loss_keys`` + val_map, val_f1, steps, n_train) as
@@ -322,7 +329,7 @@ def fit_classifier(stage: str, params, spec: LoopSpec, model: nn.Module, train, 
     from .tracking import step_run
 
     device = resolve_device(params.device, params.cuda_amp)
-    data = ClassificationData(train, params.cls_crop, params.seed)
+    data = data if data is not None else ClassificationData(train, params.cls_crop, params.seed)
     with step_run(stage, params, method=method) as tracker:
         logs = train_loop(spec, model, data, step_fn, ckpt_dir, device, tracker, params.seed,
                           new_prefixes=new_prefixes, epoch_end=lambda m, e: classification_scores(m, val, device))

@@ -3,30 +3,36 @@
 Chen, Yang, Lai and Xie, "Self-supervised Image-specific Prototype Exploration for Weakly
 Supervised Semantic Segmentation", CVPR 2022.
 
-For one (resized, possibly flipped) image with requested classes P, as in training
-(:mod:`wsss.models.sipe`): normalised CAMs M_k of P and the background M_0 = 1 - max_k M_k,
-structure-aware seeds y_i = argmax_{k in {0} u P} IoU(ReLU(cos(a_i, a_.)), M_k) from the
-semantic features a (background IoU halved), prototypes p_k = mean of the hierarchical
-features f over the seed region of k, and
+As the official ``make_cam.py`` (chenqi1126/SIPE; math in :mod:`wsss.models.sipe`): for every
+scale in ``cam_scales`` the image (and, with ``cam_flip``, its mirror, in the same batch) goes
+through the trunk; the class scores and the hierarchical features of the pair are summed
+(mirror flipped back) *before* anything else, then the normalised CAMs with the background
+1 - max over all 20 maps, the seeds from the fused hierarchical features, the prototypes and
 
-    IS-CAM_k(i) = ReLU(cos(f_i, p_k)),
+    IS-CAM_k(i) = ReLU(cos(f_i, p_k))     for k in {background} u present classes.
 
-returned for the requested classes at feature resolution. Prototypes are recomputed at every
-scale and flip (they are image-specific); :class:`~wsss.cams.base.CAMMethod` sums the
-upsampled maps over scales/flips and divides each class by its max.
+Each scale's IS-CAMs are upsampled (bilinear) to the image size and summed over scales, and
+each channel, the background's too, is divided by its max (+1e-5). The class maps are what
+every method returns; the background IS-CAM is SIPE's own background score, which the
+official evaluation puts beside the class maps in an argmax with no threshold
+(``eval_cam.py``). :meth:`ISCAM.cams_with_background` returns both; the ``seeds`` step
+writes the background as the seed file's ``bg`` array.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import Params
 from ..errors import UserError
-from ..models.sipe import sipe_outputs
-from .base import CAMMethod
+from ..models.backbone import normalize
+from ..models.sipe import inference_iscams
+from .base import CAMMethod, _as_index
 
 
 class ISCAM(CAMMethod):
@@ -37,7 +43,7 @@ class ISCAM(CAMMethod):
 
     def __init__(self, model: nn.Module, params: Params | None = None, *,
                  device: torch.device | str | None = None):
-        if not hasattr(model, "features_and_hie"):
+        if not hasattr(model, "hie_features"):
             raise UserError("method 'sipe' needs a SIPE checkpoint (outputs/checkpoints/sipe.pt written by "
                             "`python cli.py train-sipe`), loaded with wsss.models.sipe.load_any")
         super().__init__(model, params, device=device)
@@ -50,10 +56,54 @@ class ISCAM(CAMMethod):
 
     @torch.no_grad()
     def maps(self, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """IS-CAMs of ``classes`` for one image, one scale, flip pair fused when ``cam_flip``."""
         return self.maps_batch(x, [classes])[0]
 
     @torch.no_grad()
     def maps_batch(self, x: torch.Tensor, classes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        # eval mode (BatchNorm on running stats): every image is independent of the others
-        out = sipe_outputs(self.model, x, self._labels(classes))
-        return [out["iscam"][b, c.to(self.device) + 1].float() for b, c in enumerate(classes)]
+        out = inference_iscams(self.model, x, self._labels(classes), self.params.cam_flip)
+        return [out[b, c.to(self.device) + 1].float() for b, c in enumerate(classes)]
+
+    def _cams_group(self, images: Sequence[np.ndarray], classes: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        return [c for c, _ in self._group_with_background(images, classes)]
+
+    def cams_with_background(self, images: Sequence[np.ndarray],
+                             classes: Sequence[Sequence[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(class maps (n, H, W), background (H, W)) float32 in [0, 1] per image."""
+        if len(images) != len(classes):
+            raise ValueError(f"{len(images)} images but {len(classes)} class lists")
+        out: list[tuple[np.ndarray, np.ndarray]] = []
+        bs = max(1, int(self.params.cam_batch_size))
+        i = 0
+        while i < len(images):
+            j = i + 1
+            while j < len(images) and j - i < bs and images[j].shape == images[i].shape:
+                j += 1
+            out.extend(self._group_with_background(images[i:j], classes[i:j]))
+            i = j
+        return out
+
+    @torch.no_grad()
+    def _group_with_background(self, images: Sequence[np.ndarray],
+                               classes: Sequence[Sequence[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        for im in images:
+            if im.ndim != 3 or im.shape[2] != 3:
+                raise ValueError(f"expected an HxWx3 RGB image, got shape {im.shape}")
+        H, W = images[0].shape[:2]
+        idx = [_as_index(c, self.device) for c in classes]
+        labels = self._labels(idx)
+        arr = np.stack([np.ascontiguousarray(im) for im in images])
+        x = normalize(torch.from_numpy(arr).to(self.device).permute(0, 3, 1, 2).float().div_(255.0))
+        acc = torch.zeros((len(images), self.model.num_classes + 1, H, W), device=self.device)
+        for s in self.params.cam_scales:
+            size = (max(1, round(H * s)), max(1, round(W * s)))
+            xs = x if size == (H, W) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            isc = inference_iscams(self.model, xs, labels, self.params.cam_flip).float()
+            acc += F.interpolate(isc, size=(H, W), mode="bilinear", align_corners=False)
+        acc = acc / (acc.flatten(2).amax(-1)[:, :, None, None] + 1e-5)
+        result = []
+        for b, c in enumerate(idx):
+            cams = acc[b, c + 1].cpu().numpy().astype(np.float32, copy=False)
+            bg = acc[b, 0].cpu().numpy().astype(np.float32, copy=False)
+            result.append((cams, bg))
+        return result

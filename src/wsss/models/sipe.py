@@ -2,45 +2,45 @@
 prototypes shared by training (``steps/train_sipe.py``) and inference (``cams/sipe.py``).
 
 Chen, Yang, Lai and Xie, "Self-supervised Image-specific Prototype Exploration for Weakly
-Supervised Semantic Segmentation", CVPR 2022.
+Supervised Semantic Segmentation", CVPR 2022. Conventions follow the authors' code
+(chenqi1126/SIPE; file:line in docs/methods.md, "Conventions against the official code").
 
-Notation for one image with feature map A (C, h, w), N = h*w pixels, K = 20 classes and
-the present classes P (image-level labels):
+Notation for one image with last feature map A (C, h, w), N = h*w pixels, K = 20 classes.
+Channel 0 of every (B, K+1, ...) tensor here is the background, channel k+1 class k (VOC
+label order).
 
-* **Normalised CAMs.** M_k = ReLU(w_k^T A) / (max ReLU(w_k^T A) + 1e-5) for k in P
-  (0 for absent classes); **background** M_0 = 1 - max_{k in P} M_k (the paper's
-  background activation; an image without classes has M_0 = 1).
-  Channel 0 of every (B, K+1, ...) tensor here is the background, channel k+1 class k
-  (VOC label order).
-* **Hierarchical features.** F = concat(side_2(A_2), side_3(A_3), side_4(A_4)), the
-  stage outputs of layers 2..4 projected by 1x1 convolutions and resized (bilinear) to
-  the size of A. The side convolutions read *detached* stage outputs: F describes the
-  image structure and is trained only by the GSC loss through the IS-CAM branch, so the
-  GSC term cannot pull the trunk towards features that are easy to match (the trunk
-  learns from the classification loss and, via the CAM side of L_gsc, from the prototypes).
-* **Structure-aware seeds** come from the *semantic* features A (the last stage, the one
-  the CAMs are read from), not from F. The correlation map of pixel i is
-  S_ij = ReLU(cos(a_i, a_j)) over all pixels j. Its soft IoU with each activation map,
+* **Trunk.** Stem, layer1 and layer2 receive no gradient: layer2's output is detached before
+  layer3 (the official trunk does the same), so SIPE trains layers 3-4, the classifier and the
+  side branches. BatchNorm runs on its running statistics (the official ResNet-50 uses a
+  fixed BatchNorm everywhere) and conv1/bn1 of the stem have no gradient.
+* **Hierarchical features.** F = concat_s( up(n(side_s(A_s))) ) for the four stages s = 1..4:
+  a bias-free 1x1 projection of the *detached* stage output, L2-normalised over channels per
+  pixel (n(v) = v / (|v| + 1e-5)), resized (bilinear) to layer3's size. Each stage weighs the
+  same in a cosine whatever its width.
+* **Normalised CAMs.** M_k = ReLU(w_k^T A) / (max ReLU(w_k^T A) + 1e-5) for all 20 classes;
+  **background** M_0 = 1 - max_k M_k over *all* 20 maps (present or not). In training the
+  maps are then multiplied by the valid mask V (B, K+1, h, w): the crop mask (0 on padding)
+  for every channel, times the image label for the class channels, so absent classes are 0.
+* **Structure-aware seeds.** From a feature map G (training: the semantic features A;
+  inference: the flip-fused F), S_ij = ReLU(g_i . g_j) with g = G / (|G| + 1e-5), and
 
-      IoU(S_i, M_k) = sum_j S_ij M_kj / sum_j (S_ij + M_kj - S_ij M_kj),
+      IoU_k(i) = sum_j S_ij M_kj / (sum_j S_ij + sum_j M_kj - sum_j S_ij M_kj),
 
-  picks the seed label of i: y_i = argmax_{k in {0} u P} C_k(i) (the class whose map has the
-  shape of the region that looks like pixel i), with C_k = IoU(S_i, M_k) for the classes and
-  C_0 = ``BG_IOU_SCALE`` * IoU(S_i, M_0) for the background (SIPE halves the background's
-  similarity: 1 - max_k M_k is large almost everywhere, since CAMs are peaky).
-  Both choices keep the loop from collapsing, as we measured with seeds from F and an unscaled
-  background: the seeds then depend on the side projections that the GSC loss trains, every
-  pixel became background (or one class), each foreground prototype was empty or everything,
-  and the IS-CAMs were all zero or all one (seed mIoU 4.0 = background everywhere).
-* **Image-specific prototypes.** p_k = mean of f_i over the seed region {i : y_i = k}
-  (k in {0} u P; zero when the region is empty).
-* **IS-CAM.** M^_k(i) = ReLU(cos(f_i, p_k)).
-* **General-specific consistency (GSC) loss.** L_gsc = mean over (b, k in {0} u P_b) of
-  mean_i |M_k(i) - M^_k(i)|, and L = L_cls + lambda * L_gsc (``sipe_lambda``).
+  the background's halved (IoU_0 *= 0.5: 1 - max_k M_k is large almost everywhere). The
+  argmax over *all* K+1 channels picks each pixel's label, and the one-hot seed is then
+  multiplied by the valid mask: a pixel whose winner is an absent class (possible at
+  inference, where absent maps are not zeroed) or padding seeds nothing.
+* **Image-specific prototypes.** p_k = sum_i seed_k(i) f_i / N (the mean over all N pixels
+  of the seed-masked features, as the official average pooling; a positive factor away from
+  the region mean, which the cosine below ignores). Zero for an empty region.
+* **IS-CAM.** M^_k(i) = ReLU(cos(f_i, p_k)) (0 for a zero prototype).
+* **General-specific consistency (GSC) loss.** The IS-CAM divided by its own max per channel
+  (+1e-5), then L_gsc = mean over all B * (K+1) * h * w entries of |M_k(i) - M^_k(i)/max|:
+  absent classes (both 0) and padding count in the mean. L = L_cls + lambda * L_gsc
+  (``sipe_lambda``, the official 1).
 
-Seeds are an argmax (no gradient); prototypes and IS-CAMs keep the gradient of F.
-The seeds read A and the prototypes F: "semantic correlation" (Sec. 3.2.1) and
-"background-aware prototype modeling" on hierarchical features (Sec. 3.2.2) of the paper.
+Seeds are an argmax (no gradient); prototypes and IS-CAMs keep the gradient of F, and the
+normalised CAMs (the target side of L_gsc) are not detached either.
 """
 
 from __future__ import annotations
@@ -57,42 +57,66 @@ from .classifier import NUM_CLASSES, Classifier, load_classifier, read_checkpoin
 
 KIND = "sipe"
 EPS = 1e-5
-BG_IOU_SCALE = 0.5  # the paper's factor on the background's structure similarity
+BG_IOU_SCALE = 0.5  # the official factor on the background's IoU (network/resnet50_SIPE.py:46)
+#: Width of each side branch as a divisor of its stage's channels: the official ResNet-50
+#: projects 256/512/1024/2048 channels to 128/128/256/256 (network/resnet50_SIPE.py:23-26).
+SIDE_DIVISORS = (2, 4, 4, 8)
 
 
 class SIPEClassifier(Classifier):
-    """:class:`Classifier` plus the 1x1 side projections of layers 2-4 (``side``).
+    """:class:`Classifier` plus the 1x1 side projections of layers 1-4 (``side``).
 
     The trunk and the classifier are built first, in the same order as
     :func:`~wsss.models.classifier.build_classifier`, so with the same torch seed they start
     from the same weights as ``train-cls``; a SIPE model is a drop-in Classifier for
-    ``features``/``head``/``raw_cams``.
+    ``features``/``head``/``raw_cams``. ``train()`` keeps every BatchNorm in eval mode
+    (running statistics, the official fixed BatchNorm).
     """
 
     def __init__(self, backbone: str = "resnet18", output_stride: int = 16, pretrained: str = "none",
                  num_classes: int = NUM_CLASSES, side_dims: list[int] | None = None):
         super().__init__(backbone, output_stride, pretrained, num_classes)
-        chans = self.backbone.channels[1:]  # layers 2, 3, 4
-        self.side_dims = list(side_dims) if side_dims is not None else [c // 2 for c in chans]
+        chans = self.backbone.channels  # layers 1..4
+        self.side_dims = (list(side_dims) if side_dims is not None
+                          else [max(1, c // d) for c, d in zip(chans, SIDE_DIVISORS)])
         if len(self.side_dims) != len(chans):
-            raise UserError(f"SIPE spec has {len(self.side_dims)} side dims, the trunk has {len(chans)} stages 2-4")
+            raise UserError(f"SIPE spec has {len(self.side_dims)} side dims, the trunk has {len(chans)} stages 1-4; "
+                            f"retrain with `python cli.py train-sipe`")
         self.side = nn.ModuleList(nn.Conv2d(c, d, 1, bias=False) for c, d in zip(chans, self.side_dims))
 
+    def train(self, mode: bool = True) -> SIPEClassifier:
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return self
+
+    def freeze_stem(self) -> None:
+        """conv1 and bn1 without gradient (the official ``Net.train``)."""
+        for p in self.backbone.stem.parameters():
+            p.requires_grad_(False)
+
+    def stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The four stage outputs; layer2's output is detached before layer3, so stem and
+        layers 1-2 get no gradient (official ``x2 = self.stage2(x1).detach()``)."""
+        b = self.backbone
+        x1 = b.layer1(b.stem(x))
+        x2 = b.layer2(x1).detach()
+        x3 = b.layer3(x2)
+        return [x1, x2, x3, b.layer4(x3)]
+
     def hie_features(self, stages: list[torch.Tensor]) -> torch.Tensor:
-        """F (B, sum(side_dims), h, w) from the four stage outputs, at the size of the last."""
-        size = stages[-1].shape[-2:]
+        """F (B, sum(side_dims), h3, w3): L2-normalised side projections of the detached stage
+        outputs, at layer3's size."""
+        size = stages[2].shape[-2:]
         outs = []
-        for conv, a in zip(self.side, stages[1:]):
+        for conv, a in zip(self.side, stages):
             s = conv(a.detach())
+            s = s / (s.norm(dim=1, keepdim=True) + EPS)
             if s.shape[-2:] != size:
                 s = F.interpolate(s, size=size, mode="bilinear", align_corners=False)
             outs.append(s)
         return torch.cat(outs, dim=1)
-
-    def features_and_hie(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Last feature map A and hierarchical features F of a normalised batch (one trunk pass)."""
-        stages = self.hierarchical_features(x)
-        return stages[-1], self.hie_features(stages)
 
     def spec(self) -> dict[str, Any]:
         return {**super().spec(), "kind": KIND, "side_dims": list(self.side_dims)}
@@ -103,78 +127,117 @@ def build_sipe(params) -> SIPEClassifier:
 
 
 # ---------------------------------------------------------------------------- the math
-def normalised_cams(raw: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B, K+1, h, w): background then the max-normalised CAMs of present classes.
-
-    ``raw`` (B, K, h, w) non-negative CAMs; ``labels`` (B, K) multi-hot."""
-    present = (labels > 0).to(raw.dtype)[:, :, None, None]
-    fg = raw / (raw.flatten(2).amax(-1)[:, :, None, None] + EPS) * present
+def normalised_cams(raw: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """(B, K+1, h, w): background 1 - max over all K normalised maps, then the K maps
+    ReLU(raw) / (max + 1e-5). ``raw`` (B, K, h, w) are class scores before the ReLU (or
+    already non-negative CAMs); ``size`` resizes the result (bilinear, corners aligned, as
+    the official code) when it differs."""
+    cam = F.relu(raw)
+    fg = cam / (cam.flatten(2).amax(-1)[:, :, None, None] + EPS)
     bg = 1.0 - fg.amax(1, keepdim=True) if fg.shape[1] else torch.ones_like(raw[:, :1])
-    return torch.cat([bg, fg], dim=1)
+    out = torch.cat([bg, fg], dim=1)
+    if size is not None and tuple(out.shape[-2:]) != tuple(size):
+        out = F.interpolate(out, size=size, mode="bilinear", align_corners=True)
+    return out
 
 
-def valid_channels(labels: torch.Tensor) -> torch.Tensor:
-    """(B, K+1) bool: the background and the present classes."""
-    bg = torch.ones_like(labels[:, :1], dtype=torch.bool)
-    return torch.cat([bg, labels > 0], dim=1)
+def valid_mask(labels: torch.Tensor, size: tuple[int, int], crop: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, K+1, h, w) float: 1 for the background and the present classes (``labels`` (B, K)
+    multi-hot), times the crop mask ``crop`` (B, H, W) (1 on image pixels, 0 on padding),
+    resized to ``size`` by nearest neighbour (official train_resnet50_SIPE.py:140-142)."""
+    ch = torch.cat([torch.ones_like(labels[:, :1]), labels], dim=1).float()[:, :, None, None]
+    mask = ch.expand(-1, -1, *size)
+    if crop is not None:
+        c = F.interpolate(crop[:, None].float(), size=size, mode="nearest")
+        mask = mask * c
+    return mask
 
 
 def correlation(feats: torch.Tensor) -> torch.Tensor:
-    """S (B, N, N) = ReLU(cos(a_i, a_j)) between all pixels of a feature map (B, D, h, w)."""
-    f = F.normalize(feats.flatten(2), dim=1, eps=EPS)
+    """S (B, N, N) = ReLU(g_i . g_j), g = feats / (|feats| + 1e-5) per pixel (B, D, h, w)."""
+    f = feats.flatten(2)
+    f = f / (f.norm(dim=1, keepdim=True) + EPS)
     return F.relu(f.transpose(1, 2) @ f)
 
 
-def structure_seeds(feats: torch.Tensor, maps: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Seed label (B, N) in 0..K per pixel: argmax over valid k of IoU(S_i, M_k), the
-    background's IoU scaled by ``BG_IOU_SCALE``.
+def structure_seeds(feats: torch.Tensor, maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One-hot seeds (B, K+1, h, w): argmax over all K+1 channels of IoU(S_i, M_k) (the
+    background's halved), times ``mask`` (B, K+1, h, w).
 
-    ``feats`` (B, C, h, w) the semantic features A; ``maps`` (B, K+1, h, w) in [0, 1]
-    (background first); ``valid`` (B, K+1)."""
+    ``feats`` (B, D, h, w) the features whose correlation S is used; ``maps`` (B, K+1, h, w)
+    in [0, 1], background first."""
     with torch.no_grad():
+        B, K1, h, w = maps.shape
         S = correlation(feats.detach().float())  # (B, N, N)
         M = maps.detach().float().flatten(2)  # (B, K1, N)
-        inter = S @ M.transpose(1, 2)  # (B, N, K1)
-        union = S.sum(-1, keepdim=True) + M.sum(-1)[:, None, :] - inter
-        iou = inter / union.clamp_min(EPS)
-        iou[..., 0] *= BG_IOU_SCALE
-        iou = iou.masked_fill(~valid[:, None, :], float("-inf"))
-        return iou.argmax(-1)
+        inter = M @ S.transpose(1, 2)  # (B, K1, N): sum_j S_ij M_kj
+        union = S.sum(-1)[:, None, :] + M.sum(-1, keepdim=True) - inter
+        iou = inter / union.clamp_min(EPS)  # official: no clamp (0/0 only for an all-zero pixel and map)
+        iou[:, 0] *= BG_IOU_SCALE
+        seeds = F.one_hot(iou.argmax(1), K1).transpose(1, 2).reshape(B, K1, h, w).to(maps.dtype)
+        return seeds * mask.to(maps.dtype)
 
 
-def prototypes(hie: torch.Tensor, seeds: torch.Tensor, k1: int) -> torch.Tensor:
-    """p (B, K+1, D): mean of F over each seed region (zero vector for an empty region)."""
-    onehot = F.one_hot(seeds, k1).transpose(1, 2).to(hie.dtype)  # (B, K1, N)
-    total = onehot @ hie.flatten(2).transpose(1, 2)  # (B, K1, D)
-    return total / onehot.sum(-1, keepdim=True).clamp_min(1.0)
+def prototypes(hie: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    """p (B, K+1, D) = sum_i seed_k(i) f_i / N: the average pooling of the seed-masked
+    features over all N pixels (official ``get_prototype``)."""
+    n = hie.shape[-2] * hie.shape[-1]
+    return seeds.flatten(2).to(hie.dtype) @ hie.flatten(2).transpose(1, 2) / n
 
 
 def is_cams(hie: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
     """IS-CAM (B, K+1, h, w) = ReLU(cos(f_i, p_k)); an all-zero prototype gives 0."""
-    B, _, h, w = hie.shape
-    f = F.normalize(hie.flatten(2), dim=1, eps=EPS)  # (B, D, N)
-    p = F.normalize(protos, dim=2, eps=EPS)  # (B, K1, D)
-    return F.relu(p @ f).view(B, -1, h, w)
+    return F.relu(F.cosine_similarity(hie[:, None], protos[:, :, :, None, None], dim=2))
 
 
-def gsc_loss(maps: torch.Tensor, iscams: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """L1 between normalised CAMs and IS-CAMs, averaged over pixels and valid (b, k)."""
-    per = (maps - iscams).abs().flatten(2).mean(-1)  # (B, K1)
-    v = valid.to(per.dtype)
-    return (per * v).sum() / v.sum().clamp_min(1.0)
+def gsc_loss(maps: torch.Tensor, iscams: torch.Tensor) -> torch.Tensor:
+    """Official GSC: IS-CAM / (its max per channel + 1e-5), then the mean absolute difference
+    to the (masked) normalised CAMs over every entry (B, K+1, h, w): absent classes and
+    padding included (train_resnet50_SIPE.py:151-152)."""
+    norm = iscams / (iscams.flatten(2).amax(-1)[:, :, None, None] + EPS)
+    return (maps - norm).abs().mean()
 
 
-def sipe_outputs(model: SIPEClassifier, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Everything SIPE computes for a normalised batch ``x`` with multi-hot ``labels`` (B, K):
-    ``logits`` (B, K), ``maps`` (B, K+1, h, w) normalised CAMs with background first,
-    ``seeds`` (B, N), ``iscam`` (B, K+1, h, w), ``valid`` (B, K+1)."""
-    feats, hie = model.features_and_hie(x)
+def sipe_outputs(model: SIPEClassifier, x: torch.Tensor, labels: torch.Tensor,
+                 crop: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The training forward (official ``Net.forward``) of a normalised batch ``x`` with
+    multi-hot ``labels`` (B, K) and optional crop mask ``crop`` (B, H, W): ``logits`` (B, K),
+    ``maps`` (B, K+1, h, w) masked normalised CAMs, background first, ``seeds`` one-hot
+    (B, K+1, h, w) from the semantic features, ``iscam`` (B, K+1, h, w), ``mask``."""
+    stages = model.stages(x)
+    hie = model.hie_features(stages)
+    feats = stages[-1]
+    size = tuple(hie.shape[-2:])
     logits = model.head(feats)
-    maps = normalised_cams(model.raw_cams(feats), labels)
-    valid = valid_channels(labels)
-    seeds = structure_seeds(feats, maps, valid)
-    protos = prototypes(hie, seeds, maps.shape[1])
-    return {"logits": logits, "maps": maps, "seeds": seeds, "iscam": is_cams(hie, protos), "valid": valid}
+    mask = valid_mask(labels, size, crop)
+    maps = normalised_cams(F.conv2d(feats, model.cam_weight()), size) * mask
+    if tuple(feats.shape[-2:]) != size:
+        feats = F.interpolate(feats, size=size, mode="bilinear", align_corners=False)
+    seeds = structure_seeds(feats, maps, mask)
+    iscam = is_cams(hie, prototypes(hie, seeds))
+    return {"logits": logits, "maps": maps, "seeds": seeds, "iscam": iscam, "mask": mask}
+
+
+@torch.no_grad()
+def inference_iscams(model: SIPEClassifier, x: torch.Tensor, labels: torch.Tensor, flip: bool = True) -> torch.Tensor:
+    """IS-CAMs (B, K+1, h, w) at inference (official ``CAM.forward``): with ``flip`` the class
+    scores and the hierarchical features of ``x`` and of its mirror are summed (mirror flipped
+    back) *before* the CAMs are normalised and the seeds computed; the seeds come from the
+    fused hierarchical features, with absent classes' maps competing in the argmax and their
+    seeds then dropped (``labels`` (B, K) multi-hot; the background is always kept)."""
+    B = x.shape[0]
+    xx = torch.cat([x, x.flip(-1)]) if flip else x
+    stages = model.stages(xx)
+    hie = model.hie_features(stages)
+    cam = F.conv2d(stages[-1], model.cam_weight())
+    if flip:
+        cam = cam[:B] + cam[B:].flip(-1)
+        hie = hie[:B] + hie[B:].flip(-1)
+    size = tuple(hie.shape[-2:])
+    maps = normalised_cams(cam, size)
+    mask = valid_mask(labels, size)
+    seeds = structure_seeds(hie, maps, mask)
+    return is_cams(hie, prototypes(hie, seeds))
 
 
 # ---------------------------------------------------------------------------- loading
@@ -191,8 +254,8 @@ def load_sipe(path: str | Path, device: torch.device | str = "cpu",
         model = SIPEClassifier(spec["backbone"], spec["output_stride"], "none", spec["num_classes"],
                                spec["side_dims"])
         model.load_state_dict(ckpt["model"])
-    except UserError:
-        raise
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
     except Exception as e:
         raise UserError(f"{path}: not a valid SIPE checkpoint ({type(e).__name__}); delete it and retrain") from None
     return model.to(device).eval(), ckpt

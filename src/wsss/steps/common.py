@@ -69,9 +69,13 @@ def summary(step: str, text: str) -> None:
         print(f"[{step}] {text}", flush=True)
 
 
-def read_seed(path: Path, method: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def read_seed(path: Path, method: str, shape: tuple[int, int], with_bg: bool = False):
     """Read and check one seed file, the one reader of every step (eval-seeds, crf, compare);
-    returns (keys int64 (n,): class indices 0..19, cams float32 (n, H, W) clipped to [0, 1])."""
+    returns (keys int64 (n,): class indices 0..19, cams float32 (n, H, W) clipped to [0, 1]).
+
+    With ``with_bg`` a third item: the file's optional ``bg`` array, the method's own
+    background score (float32 (H, W) clipped to [0, 1]; SIPE's background IS-CAM), or None
+    when the file has none."""
     import numpy as np
 
     from ..io import load_npz
@@ -88,11 +92,20 @@ def read_seed(path: Path, method: str, shape: tuple[int, int]) -> tuple[np.ndarr
         raise UserError(f"{path}: needs arrays 'keys' and 'cams' (has {', '.join(z) or 'none'}); {rerun}")
     keys = z["keys"].astype(np.int64).reshape(-1)
     cams = z["cams"].astype(np.float32)
+    bg = None
+    if with_bg and "bg" in z:
+        bg = z["bg"].astype(np.float32)
+        if bg.shape != tuple(shape):
+            raise UserError(f"{path}: 'bg' has shape {bg.shape}, expected {tuple(shape)} (one background map "
+                            f"at image size); {rerun}")
+        bg = np.clip(np.nan_to_num(bg), 0.0, 1.0)
     if keys.size == 0:
-        return keys, np.zeros((0,) + shape, np.float32)
+        empty = np.zeros((0,) + tuple(shape), np.float32)
+        return (keys, empty, bg) if with_bg else (keys, empty)
     if keys.min() < 0 or keys.max() >= len(CLASSES):
         raise UserError(f"{path}: 'keys' must be class indices 0..{len(CLASSES) - 1} (got {keys.tolist()}); {rerun}")
     if cams.shape != (keys.size,) + tuple(shape):
         raise UserError(f"{path}: 'cams' has shape {cams.shape}, expected {(keys.size,) + tuple(shape)} "
                         f"(one map per key at image size); {rerun}")
-    return keys, np.clip(np.nan_to_num(cams), 0.0, 1.0)
+    cams = np.clip(np.nan_to_num(cams), 0.0, 1.0)
+    return (keys, cams, bg) if with_bg else (keys, cams)

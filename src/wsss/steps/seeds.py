@@ -3,7 +3,9 @@
 
 Each image gets ``outputs/seeds/<method>/<id>.npz`` holding ``keys`` (int64 class indices
 0..19 of the present classes) and ``cams`` (float32 (n, H, W), each map divided by its max, so in
-[0, 1], at image size); plain arrays only, nothing pickled. The folder is built under a
+[0, 1], at image size); a method with a background map of its own (SIPE's background IS-CAM,
+``cams_with_background``) adds ``bg`` (float32 (H, W) in [0, 1]). Plain arrays only, nothing
+pickled. The folder is built under a
 temporary name and swapped in when complete.
 """
 
@@ -45,11 +47,16 @@ def write_seeds(cam, voc, dest, desc: str) -> int:
     from .. import distributed
 
     n_maps = 0
+    with_bg = hasattr(cam, "cams_with_background")  # a method with its own background map (SIPE)
     for id_ in tqdm(distributed.shard(voc.ids), desc=desc, dynamic_ncols=True, leave=False,
                     disable=not distributed.is_main()):
         keys = np.flatnonzero(voc.labels(id_) > 0).astype(np.int64)
-        maps = cam(voc.image(id_), keys.tolist()).astype(np.float32)
-        save_npz(dest / f"{id_}.npz", keys=keys, cams=maps)
+        if with_bg:
+            maps, bg = cam.cams_with_background([voc.image(id_)], [keys.tolist()])[0]
+            save_npz(dest / f"{id_}.npz", keys=keys, cams=maps.astype(np.float32), bg=bg.astype(np.float32))
+        else:
+            maps = cam(voc.image(id_), keys.tolist()).astype(np.float32)
+            save_npz(dest / f"{id_}.npz", keys=keys, cams=maps)
         n_maps += len(keys)
     return distributed.sum_over_ranks(n_maps)
 
