@@ -77,3 +77,21 @@ def read_seed(path: Path, method: str, shape: tuple[int, int]) -> tuple[np.ndarr
         raise UserError(f"{path}: 'cams' has shape {cams.shape}, expected {(keys.size,) + tuple(shape)} "
                         f"(one map per key at image size); {rerun}")
     return keys, np.clip(np.nan_to_num(cams), 0.0, 1.0)
+
+
+def read_seed_bg(path: Path, method: str, shape: tuple[int, int]) -> np.ndarray | None:
+    """The optional background score map ``bg`` (H, W) float32 of a seed file (clipped to
+    [0, 1]), or None when the file has none. Methods with a background map of their own (SIPE)
+    write it; eval-seeds' official column of a "background argmax" method needs it."""
+    import numpy as np
+
+    from ..io import load_npz
+
+    z = load_npz(path)
+    if "bg" not in z:
+        return None
+    bg = z["bg"].astype(np.float32)
+    if bg.shape != tuple(shape):
+        raise UserError(f"{path}: 'bg' has shape {bg.shape}, expected {tuple(shape)} (the image size); "
+                        f"re-run `python cli.py seeds --method {method}`")
+    return np.clip(np.nan_to_num(bg), 0.0, 1.0)
