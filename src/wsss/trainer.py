@@ -59,16 +59,29 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float, new_prefixes: tuple[str, ...]):
-    """Backbone at lr, freshly initialised heads (names starting with new_prefixes) at 10x lr."""
-    base, new = [], []
+def param_groups(model: nn.Module, lr: float, weight_decay: float, new_prefixes: tuple[str, ...],
+                 bias_groups: bool = False):
+    """Backbone at lr, freshly initialised heads (names starting with new_prefixes) at 10x lr
+    (IRN/ReCAM ``trainable_parameters``), all with ``weight_decay``.
+
+    ``bias_groups``: Puzzle-CAM's four groups (core/abc_modules.py ``get_parameter_groups``,
+    train_classification_with_puzzle.py:218-223): backbone weights at lr with weight decay,
+    backbone biases at 2x lr without, new weights at 10x lr with, new biases at 20x lr
+    without. A bias is a parameter whose name ends in ``bias`` (BatchNorm's beta included);
+    BatchNorm's gamma counts as a weight, as in the official split on ``'weight' in name``."""
+    base, new, base_b, new_b = [], [], [], []
     for n, p in model.named_parameters():
         if p.requires_grad:
-            (new if n.startswith(new_prefixes) else base).append(p)
-    return [
+            is_new, is_bias = n.startswith(new_prefixes), bias_groups and n.rsplit(".", 1)[-1] == "bias"
+            ((new_b if is_bias else new) if is_new else (base_b if is_bias else base)).append(p)
+    groups = [
         {"params": base, "lr": lr, "initial_lr": lr, "weight_decay": weight_decay},
         {"params": new, "lr": 10 * lr, "initial_lr": 10 * lr, "weight_decay": weight_decay},
     ]
+    if bias_groups:
+        groups += [{"params": base_b, "lr": 2 * lr, "initial_lr": 2 * lr, "weight_decay": 0.0},
+                   {"params": new_b, "lr": 20 * lr, "initial_lr": 20 * lr, "weight_decay": 0.0}]
+    return groups
 
 
 def planned_schedule(n_items: int, batch_size: int, epochs: int, max_steps: int) -> tuple[int, int, int]:
@@ -93,11 +106,15 @@ def train_loop(
     new_prefixes: tuple[str, ...] = ("classifier",),
     extra_state: dict | None = None,
     epoch_end: Callable[[nn.Module, int], dict[str, float]] | None = None,
+    bias_groups: bool = False,
+    momentum: float = 0.9,
+    nesterov: bool = False,
 ) -> dict[str, float]:
-    """Train ``model`` with ``step_fn(model, batch, step) -> (loss, logs)``; returns final logs."""
+    """Train ``model`` with ``step_fn(model, batch, step) -> (loss, logs)``; returns final logs.
+    ``bias_groups``: see :func:`param_groups`; ``momentum``, ``nesterov``: SGD's."""
     model.to(device)
-    opt = torch.optim.SGD(param_groups(model, spec.lr, spec.weight_decay, new_prefixes),
-                          lr=spec.lr, momentum=0.9, nesterov=False)
+    opt = torch.optim.SGD(param_groups(model, spec.lr, spec.weight_decay, new_prefixes, bias_groups),
+                          lr=spec.lr, momentum=momentum, nesterov=nesterov)
     steps_per_epoch, total, n_epochs = planned_schedule(len(dataset), spec.batch_size, spec.epochs, spec.max_steps)
     resume_path = ckpt_dir / f"{spec.name}.resume.pt"
     fp = fingerprint(spec.fingerprint_keys)
@@ -195,11 +212,13 @@ def classification_scores(model: nn.Module, voc, device: torch.device, batch_siz
 
 def fit_classifier(stage: str, params, spec: LoopSpec, model: nn.Module, train, val, step_fn,
                    ckpt_dir: Path, metrics_path: Path, loss_keys: tuple[str, ...] = ("loss",),
-                   new_prefixes: tuple[str, ...] = ("classifier",), method: str | None = None) -> dict:
+                   new_prefixes: tuple[str, ...] = ("classifier",), method: str | None = None,
+                   sgd: dict | None = None) -> dict:
     """One image-label training stage (train-cls, train-puzzle, train-sipe): ``train_loop`` over
     the random crops of ``train`` (crop ``cls_crop``) with val mAP/F1 after every epoch, in one
     MLflow run; writes the final metrics (``loss_keys`` + val_map, val_f1, steps, n_train) as
-    JSON to ``metrics_path`` and returns them."""
+    JSON to ``metrics_path`` and returns them. ``sgd``: keyword arguments of :func:`train_loop`'s
+    optimiser (``bias_groups``, ``momentum``, ``nesterov``)."""
     from .config import resolve_device
     from .datasets import ClassificationData
     from .io import write_json
@@ -209,7 +228,8 @@ def fit_classifier(stage: str, params, spec: LoopSpec, model: nn.Module, train, 
     data = ClassificationData(train, params.cls_crop, params.seed)
     with step_run(stage, params, method=method) as tracker:
         logs = train_loop(spec, model, data, step_fn, ckpt_dir, device, tracker, params.seed,
-                          new_prefixes=new_prefixes, epoch_end=lambda m, e: classification_scores(m, val, device))
+                          new_prefixes=new_prefixes, epoch_end=lambda m, e: classification_scores(m, val, device),
+                          **(sgd or {}))
         metrics = {k: logs.get(k, float("nan")) for k in (*loss_keys, "val_map", "val_f1")}
         metrics.update({"steps": int(logs["steps"]), "n_train": len(train)})
         tracker.log_metrics({f"final_{k}": v for k, v in metrics.items()})
