@@ -68,6 +68,20 @@ def test_puzzle_loss_terms_by_hand():
     assert t["re"].item() == pytest.approx(L_RE, abs=1e-6)
 
 
+def test_puzzle_loss_averaged_per_image_over_the_batch():
+    """Batch of 2 (same image; labels [1, 0] and [0, 1]). class_loss_fn(reduction='none') gives
+    each image's mean over classes, then .mean() over the batch (:344); the masked L1 is
+    divided by all B*K*h*w = 16 entries (:353-355). Image 2 keeps class 1:
+    |A1 - R1| = [.5, .5, .5, 1.5], sum 3; with image 1's 4: L_re = 7 / 16."""
+    x = torch.cat([X, X])
+    y = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    t = puzzle_losses(HalfMeanFeatures(), x, y)
+    img2 = (softplus(2.0) + softplus(-1.5)) / 2
+    assert t["cls"].item() == pytest.approx((L_CLS + img2) / 2, abs=1e-6)
+    assert t["pcls"].item() == pytest.approx((L_CLS + img2) / 2, abs=1e-6)
+    assert t["re"].item() == pytest.approx(7 / 16, abs=1e-6)
+
+
 @pytest.mark.parametrize("step,alpha", [(0, 0.0), (2, 1.6), (5, 4.0), (8, 4.0)])
 def test_puzzle_total_loss_with_alpha_ramp(step, alpha):
     """alpha_t = min(alpha * t / (0.5 * T), alpha) (train_classification_with_puzzle.py:376-379,
@@ -188,7 +202,8 @@ def test_official_column_rules():
     bg = methods.Scoring(methods.BACKGROUND)
     ok = eval_seeds.official_column(bg, miou_at, 0.5, 0)
     assert ok["official_miou"] == 0.5 and ok["official_threshold"] is None
-    missing = eval_seeds.official_column(bg, miou_at, None, 3)
+    # some files without bg: NaN even if the others could be scored (no silent partial column)
+    missing = eval_seeds.official_column(bg, miou_at, 0.5, 3)
     assert math.isnan(missing["official_miou"]) and "3 seed file(s) carry no 'bg'" in missing["official_note"]
 
 
@@ -263,3 +278,41 @@ def test_bicubic_resize_feeds_the_pil_bicubic_image():
         assert seen.shape == (1, 3, 10, 14)
         close = torch.allclose(seen, exp_t, atol=1e-5)
         assert close == (mode == "bicubic")
+
+
+# ----------------------------------------------------------------------------- eval-seeds end to end
+def test_eval_seeds_writes_the_three_labelled_columns(tmp_path, monkeypatch):
+    """One 2x4 image, ground truth [bg, bg, cat, cat] in both rows; the cat map
+    [.1, .18, .3, .9] and a background map [.5, .05, .5, .2]. By hand:
+    shared 0.21 -> [bg, bg, cat, cat]: mIoU 1;
+    IRN's 0.15 (cam) -> [bg, cat, cat, cat]: bg 1/2, cat 2/3, mIoU 7/12;
+    SIPE's argmax over [bg map, cat] -> [bg, cat, bg, cat]: bg 1/3, cat 1/3, mIoU 1/3;
+    oracle over {0.21, 0.5}: 1 at 0.21. Without 'bg' SIPE's official column is NaN."""
+    from conftest import isolate_outputs
+    from test_planted_bugs import tiny_voc
+
+    from wsss.io import save_npz
+
+    isolate_outputs(monkeypatch, tmp_path)
+    mask = np.array([[0, 0, 8, 8]] * 2, np.uint8)
+    tiny_voc(tmp_path / "voc", {"train": {"a": mask}})
+    params = Params(data_dir=str(tmp_path / "voc"), seed_split="train", threshold_sweep=[0.5], threads=1)
+    cams = np.array([[[0.1, 0.18, 0.3, 0.9]] * 2], np.float32)
+    bg = np.array([[0.5, 0.05, 0.5, 0.2]] * 2, np.float32)
+    for method, extra in (("cam", {}), ("sipe", {"bg": bg})):
+        (tmp_path / "outputs" / "seeds" / method).mkdir(parents=True)
+        save_npz(tmp_path / "outputs" / "seeds" / method / "a.npz", keys=np.array([7]), cams=cams, **extra)
+    cam = eval_seeds.run(params, "cam")
+    assert cam["miou"] == pytest.approx(1.0)
+    assert (cam["official_miou"], cam["official_threshold"], cam["official_rule"]) == \
+        (pytest.approx(7 / 12), 0.15, "threshold 0.15")
+    assert (cam["best_miou"], cam["best_threshold"]) == (pytest.approx(1.0), 0.21)
+    sipe = eval_seeds.run(params, "sipe")
+    assert sipe["official_miou"] == pytest.approx(1 / 3) and sipe["official_rule"] == "background argmax"
+    assert sipe["miou"] == pytest.approx(1.0)  # the headline ignores bg
+    save_npz(tmp_path / "outputs" / "seeds" / "sipe" / "a.npz", keys=np.array([7]), cams=cams)
+    sipe = eval_seeds.run(params, "sipe")
+    assert math.isnan(sipe["official_miou"]) and "carry no 'bg'" in sipe["official_note"]
+    import json
+    written = json.loads((tmp_path / "outputs" / "metrics" / "eval_seeds" / "sipe.json").read_text())
+    assert written["official_rule"] == "background argmax" and written["paper_column"] == "official"
