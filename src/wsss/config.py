@@ -87,6 +87,9 @@ class Params:
     # divide by the max) | max | minmax (see wsss.cams.base)
     cam_norm: str = "reference"
     cam_batch_size: int = 8
+    # Grad-CAM++: divide each channel's alphas by their spatial sum, as the author's code does
+    # (the paper's Eq. 19 does not; see wsss.cams.gradcampp)
+    gradcampp_alpha_norm: bool = True
     scorecam_chunk: int = 64
     scorecam_variant: str = "correct"  # correct | study
     scorecam_baseline: bool = True
