@@ -109,7 +109,7 @@ class Params:
     recam_scorecam_mask: str = "seeds"  # seeds | online (see docs/methods.md)
     # Puzzle-CAM (Jo & Yu 2021)
     puzzle_epochs: int = 10
-    puzzle_lr: float = 0.01
+    puzzle_lr: float = 0.1  # official --lr 0.1; with momentum 1e-4 (below) the step of the old 0.01 + momentum 0.9
     puzzle_alpha: float = 4.0
     puzzle_init: str = "cls"  # cls: continue from outputs/checkpoints/cls.pt | pretrained
     # SGD of the official PolyOptimizer: weight decay lands in SGD's momentum slot (effective
