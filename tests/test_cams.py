@@ -159,13 +159,26 @@ def test_gradcampp_finite_nonnegative_and_normalised():
 
 
 def test_gradcampp_weights_by_hand():
-    # one channel, g constant = w/(hw): alpha = g^2/(2g^2 + S g^3) with S = sum A
+    # one channel, g constant = w/(hw): alpha = g^2/(2g^2 + S g^3) with S = sum A (paper, Eq. 19)
     W = torch.tensor([[2.0]])
     A = torch.tensor([[[1.0, 3.0], [0.0, 4.0]]])[None]
-    m = GradCAMPlusPlus(IdentityNet(W), params()).maps(A, torch.tensor([0]))
+    m = GradCAMPlusPlus(IdentityNet(W), params(gradcampp_alpha_norm=False)).maps(A, torch.tensor([0]))
     g = 2.0 / 4
     alpha = g**2 / (2 * g**2 + 8.0 * g**3)
     torch.testing.assert_close(m[0], alpha * 4 * g * A[0, 0])
+
+
+def test_gradcampp_author_alpha_normalisation_by_hand():
+    """The author's code divides the alphas by their spatial sum (misc/utils.py:117-119). Two
+    channels, W = [2, 1], h w = 4: g = [0.5, 0.25], constant over positions, so each alpha map
+    sums to 1 after normalisation and w_k = ReLU(g_k): M = 0.5 A_0 + 0.25 A_1. Without it
+    (Eq. 19): w_k = 4 alpha_k g_k with alpha_k = 1 / (2 + g_k S_k): S = [8, 4] -> alpha = [1/6, 1/3]."""
+    W = torch.tensor([[2.0, 1.0]])
+    A = torch.tensor([[[1.0, 3.0], [0.0, 4.0]], [[2.0, 0.0], [1.0, 1.0]]])[None]
+    m = GradCAMPlusPlus(IdentityNet(W), params()).maps(A, torch.tensor([0]))
+    torch.testing.assert_close(m[0], 0.5 * A[0, 0] + 0.25 * A[0, 1])
+    m = GradCAMPlusPlus(IdentityNet(W), params(gradcampp_alpha_norm=False)).maps(A, torch.tensor([0]))
+    torch.testing.assert_close(m[0], 4 * (1 / 6) * 0.5 * A[0, 0] + 4 * (1 / 3) * 0.25 * A[0, 1])
 
 
 # ---------------------------------------------------------------------- Score-CAM

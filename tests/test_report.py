@@ -30,14 +30,20 @@ def test_report_table_from_metrics_files(tmp_path, monkeypatch):
     for m, (seed, mask, seg) in values.items():
         for stage, v in (("eval_seeds", seed), ("crf", mask), ("eval_seg", seg)):
             (tmp_path / "metrics" / stage).mkdir(parents=True, exist_ok=True)
-            extra = {"best_miou": v + 0.05, "best_threshold": 0.5} if stage == "eval_seeds" else {}
+            extra = ({"best_miou": v + 0.05, "best_threshold": 0.5, "official_miou": v - 0.01}
+                     if stage == "eval_seeds" else {})
             (tmp_path / "metrics" / stage / f"{m}.json").write_text(json.dumps({"miou": v, **extra}))
     (tmp_path / "metrics" / "eval_seg" / "gt.json").write_text(json.dumps({"miou": 0.6}))
     params = Params(methods={"cam": "cls", "recam-scorecam": "recam-scorecam"}, recam_scorecam_mask="online")
     result = report.run(params)
     text = (tmp_path / "report.md").read_text()
-    assert "| recam-scorecam | 29.0 | +9.0 | 33.0 | +3.0 | 27.0 | +2.0 | 34.0 |" in text
-    assert "| upper bound (seg on GT masks) | - | - | - | - | 60.0 | - | - |" in text
+    # the three seed columns: shared threshold (29.0), oracle (34.0), official with its rule
+    assert "| recam-scorecam | 29.0 | +9.0 | 33.0 | +3.0 | 27.0 | +2.0 | 34.0 | 28.0 (threshold 0.21) |" in text
+    assert "| cam | 20.0 | - | 30.0 | - | 25.0 | - | 25.0 | 19.0 (threshold 0.15) |" in text
+    assert "| upper bound (seg on GT masks) | - | - | - | - | 60.0 | - | - | - |" in text
+    # which column the papers' figures correspond to
+    assert "| recam-scorecam | threshold 0.21 | zhaozhengChen/ReCAM run_sample.py:43" in text
+    assert "the oracle column (its author" in text
     assert "student ReCAM+Score-CAM (30 images) (reported) | 29.0 | 30.0" in text
     assert (tmp_path / "report.png").stat().st_size > 0
     assert [r["method"] for r in result["rows"]][-1].startswith("upper bound")
@@ -123,15 +129,20 @@ def test_spread_report_shows_means_deltas_and_no_empty_single_run_table(tmp_path
     table, with the deltas of the means against cam (by hand), and its rows are the means."""
     monkeypatch.setenv("WSSS_OUTPUTS", str(tmp_path))
     monkeypatch.setenv("WSSS_TRACKING", "0")
-    per_seed = {0: [{"method": "cam", "seed": 0.20, "mask": 0.22, "seg": 0.10, "seed_best": 0.21},
-                    {"method": "gradcam", "seed": 0.18, "mask": 0.19, "seg": 0.08, "seed_best": 0.19}],
-                1: [{"method": "cam", "seed": 0.18, "mask": 0.20, "seg": 0.12, "seed_best": 0.19},
-                    {"method": "gradcam", "seed": 0.16, "mask": 0.21, "seg": 0.10, "seed_best": 0.17}]}
+    per_seed = {0: [{"method": "cam", "seed": 0.20, "mask": 0.22, "seg": 0.10, "seed_best": 0.21,
+                     "seed_official": 0.23},
+                    {"method": "gradcam", "seed": 0.18, "mask": 0.19, "seg": 0.08, "seed_best": 0.19,
+                     "seed_official": 0.15}],
+                1: [{"method": "cam", "seed": 0.18, "mask": 0.20, "seg": 0.12, "seed_best": 0.19,
+                     "seed_official": 0.21},
+                    {"method": "gradcam", "seed": 0.16, "mask": 0.21, "seg": 0.10, "seed_best": 0.17,
+                     "seed_official": 0.17}]}
     agg = report.aggregate(per_seed)
     result = report.run(Params(methods={"cam": "cls", "gradcam": "cls"}), spread=agg)
     text = (tmp_path / "report.md").read_text()
-    assert "| gradcam | 17.0 ± 1.0 | 20.0 ± 1.0 | 9.0 ± 1.0 | 18.0 ± 1.0 | -2.0 / -1.0 / -2.0 |" in text
-    assert "| cam | 19.0 ± 1.0 | 21.0 ± 1.0 | 11.0 ± 1.0 | 20.0 ± 1.0 | - / - / - |" in text
+    assert ("| gradcam | 17.0 ± 1.0 | 20.0 ± 1.0 | 9.0 ± 1.0 | 18.0 ± 1.0 | 16.0 ± 1.0 (threshold 0.15) "
+            "| -2.0 / -1.0 / -2.0 |") in text
+    assert "| cam | 19.0 ± 1.0 | 21.0 ± 1.0 | 11.0 ± 1.0 | 20.0 ± 1.0 | 22.0 ± 1.0 (threshold 0.15) | - / - / - |" in text
     assert "Δ vs cam | pseudo-mask" not in text  # no single-run table (its cells would be empty)
     assert result["rows"][0]["seed"] == pytest.approx(0.19)
     assert (tmp_path / "report.png").stat().st_size > 0

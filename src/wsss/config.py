@@ -98,7 +98,16 @@ class Params:
     methods: dict[str, str] = field(default_factory=lambda: dict(METHOD_CHECKPOINTS))
     cam_scales: list[float] = field(default_factory=lambda: [2.0, 2.5, 3.0])  # x the image side
     cam_flip: bool = True
+    # test-time image resize: bicubic on the uint8 image (PIL, as IRN/ReCAM/Puzzle-CAM/SIPE) | bilinear
+    # (torch, on the normalised tensor: this harness before issue 13)
+    cam_resize: str = "bicubic"
+    # final map normalisation: reference (each method's own code: Score-CAM min-max, the others
+    # divide by the max) | max | minmax (see wsss.cams.base)
+    cam_norm: str = "reference"
     cam_batch_size: int = 8
+    # Grad-CAM++: divide each channel's alphas by their spatial sum, as the author's code does
+    # (the paper's Eq. 19 does not; see wsss.cams.gradcampp)
+    gradcampp_alpha_norm: bool = True
     scorecam_chunk: int = 64
     scorecam_variant: str = "correct"  # correct | study
     scorecam_baseline: bool = True
@@ -120,9 +129,14 @@ class Params:
     recam_scorecam_mask: str = "seeds"  # seeds | online (see docs/methods.md)
     # Puzzle-CAM (Jo & Yu 2021)
     puzzle_epochs: int = 10
-    puzzle_lr: float = 0.01
+    puzzle_lr: float = 0.1  # official --lr 0.1; with momentum 1e-4 (below) the step of the old 0.01 + momentum 0.9
     puzzle_alpha: float = 4.0
     puzzle_init: str = "cls"  # cls: continue from outputs/checkpoints/cls.pt | pretrained
+    # SGD of the official PolyOptimizer: weight decay lands in SGD's momentum slot (effective
+    # momentum 1e-4), nesterov on; biases at 2x lr without weight decay (see train_puzzle.py)
+    puzzle_momentum: float = 0.0001
+    puzzle_nesterov: bool = True
+    puzzle_bias_groups: bool = True
     # SIPE (Chen et al. 2022)
     sipe_epochs: int = 5  # epochs of VOC train_aug (10,582 images): 5 x 661 = 3,305 steps at batch 16
     sipe_lr: float = 0.01
@@ -195,6 +209,8 @@ class Params:
         choice("scorecam_score", ["sigmoid", "logit"])
         choice("recam_scorecam_mask", ["seeds", "online"])
         choice("freeze_stem_bn", ["trained", "always", "never"])
+        choice("cam_resize", ["bicubic", "bilinear"])
+        choice("cam_norm", ["reference", "max", "minmax"])
         for key in ("seg_init", "puzzle_init", "sipe_init"):
             choice(key, ["pretrained", "cls"])
         if self.output_stride not in (8, 16, 32):
@@ -223,6 +239,12 @@ class Params:
             raise bad("synth_extent", f"must be [min, max] with 0 < min <= max <= 1.5 (got {self.synth_extent!r})")
         if not 0 < self.synth_part_size <= 1:
             raise bad("synth_part_size", f"must be in (0, 1] (got {self.synth_part_size!r})")
+        if not 0.0 <= self.puzzle_momentum < 1.0:
+            raise bad("puzzle_momentum", f"must be in [0, 1) (got {self.puzzle_momentum!r}); 0.0001 is the official "
+                                         "code's effective value, 0.9 what its call intended")
+        if self.puzzle_nesterov and self.puzzle_momentum == 0:
+            raise bad("puzzle_nesterov", "needs puzzle_momentum > 0 (SGD's nesterov has no effect without it); "
+                                         "set puzzle_nesterov: false or a positive puzzle_momentum")
         unit("synth_body_tint", "synth_cooccur", "synth_context", "synth_occlusion", "threshold", "conf_fg", "conf_bg")
         if self.conf_bg > self.conf_fg:
             raise bad("conf_bg", f"must be <= conf_fg ({self.conf_bg} > {self.conf_fg})")

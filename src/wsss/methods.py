@@ -25,12 +25,71 @@ CLASSIFIER = "cls"
 GT = "gt"
 
 
+#: The rules by which an official repository turns its maps into labels for its seed mIoU.
+THRESHOLD, SWEEP, BACKGROUND = "threshold", "sweep", "background"
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How a method's official code scores its seeds (issue 13, §3): eval-seeds reports this
+    column beside the shared ``threshold`` (the headline) and the oracle (best of
+    ``threshold_sweep``).
+
+    ``rule``: ``threshold`` (a constant background score ``thresholds[0]`` beside the class
+    maps, argmax), ``sweep`` (that for every value of ``thresholds``, keep the best mIoU: the
+    threshold is chosen on the scored ground truth) or ``background`` (argmax over the method's
+    own background map and its class maps, no threshold: the seed file's optional ``bg``
+    array). ``source``: the official file and line. ``paper``: which of the three columns the
+    paper's seed figure corresponds to (``shared``, ``official``, ``oracle``, or ``none``
+    when the paper reports no seed mIoU)."""
+
+    rule: str
+    thresholds: tuple[float, ...] = ()
+    source: str = ""
+    paper: str = "official"
+
+    def __post_init__(self) -> None:
+        if self.rule not in (THRESHOLD, SWEEP, BACKGROUND):
+            raise ValueError(f"unknown scoring rule {self.rule!r}")
+        if (self.rule == BACKGROUND) != (not self.thresholds) or (self.rule == THRESHOLD and len(self.thresholds) != 1):
+            raise ValueError(f"scoring rule {self.rule!r} has thresholds {self.thresholds!r}")
+        if self.paper not in ("shared", "official", "oracle", "none"):
+            raise ValueError(f"unknown paper column {self.paper!r}")
+
+    @property
+    def label(self) -> str:
+        """The column's label, e.g. ``threshold 0.15``, ``best of 0.05-0.75``, ``background argmax``."""
+        if self.rule == THRESHOLD:
+            return f"threshold {self.thresholds[0]:g}"
+        if self.rule == SWEEP:
+            return f"best of {min(self.thresholds):g}-{max(self.thresholds):g}"
+        return "background argmax"
+
+
+#: IRN (jiwoon-ahn/irn run_sample.py: --cam_eval_thres 0.15; step/eval_cam.py pads the class
+#: maps with it and takes the argmax). The post-hoc methods (Grad-CAM, Grad-CAM++, Score-CAM)
+#: have no WSSS code of their own: they are scored as CAM is in the pipeline they plug into.
+IRN = Scoring(THRESHOLD, (0.15,), "jiwoon-ahn/irn run_sample.py (--cam_eval_thres 0.15), step/eval_cam.py")
+POST_HOC = Scoring(THRESHOLD, (0.15,), "no WSSS code of its own; IRN's cam_eval_thres 0.15", paper="none")
+#: ReCAM run_sample.py:43 (--cam_eval_thres 0.21), step/eval_cam.py:18; the author says the
+#: paper's seed figures come from a threshold sweep (ReCAM issue #3): the oracle column.
+RECAM = Scoring(THRESHOLD, (0.21,), "zhaozhengChen/ReCAM run_sample.py:43, step/eval_cam.py:18", paper="oracle")
+#: Puzzle-CAM evaluate.py:185-200: with no --threshold (the default, evaluate.py:13) it sweeps
+#: np.arange(0.05, 0.80, 0.05) and prints the best.
+PUZZLE = Scoring(SWEEP, tuple(round(0.05 * i, 2) for i in range(1, 16)),
+                 "shjo-april/PuzzleCAM evaluate.py:13, 185-200")
+#: SIPE keeps its background IS-CAM and takes the argmax over [background, classes], no
+#: threshold (chenqi1126/SIPE make_cam.py, eval_cam.py:18-21).
+SIPE = Scoring(BACKGROUND, (), "chenqi1126/SIPE make_cam.py, eval_cam.py:18-21")
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
     cam: str  # "module:Class" under wsss.cams
     train: str | None = None  # "module:function" under wsss.steps, or None (seeds read cls.pt)
     train_args: dict = field(default_factory=dict)
+    scoring: Scoring = IRN  # how its official code scores its seeds (eval-seeds' official column)
 
     @property
     def checkpoint(self) -> str:
@@ -39,14 +98,15 @@ class MethodSpec:
 
 
 METHODS: tuple[MethodSpec, ...] = (
-    MethodSpec("cam", "cam:CAM"),
-    MethodSpec("gradcam", "gradcam:GradCAM"),
-    MethodSpec("gradcampp", "gradcampp:GradCAMPlusPlus"),
-    MethodSpec("scorecam", "scorecam:ScoreCAM"),
-    MethodSpec("recam", "cam:ReCAM", train="train_recam:run", train_args={"variant": "cam"}),
-    MethodSpec("recam-scorecam", "cam:ReCAM", train="train_recam:run", train_args={"variant": "scorecam"}),
-    MethodSpec("puzzlecam", "cam:CAM", train="train_puzzle:run"),
-    MethodSpec("sipe", "sipe:ISCAM", train="train_sipe:run"),
+    MethodSpec("cam", "cam:CAM", scoring=IRN),
+    MethodSpec("gradcam", "gradcam:GradCAM", scoring=POST_HOC),
+    MethodSpec("gradcampp", "gradcampp:GradCAMPlusPlus", scoring=POST_HOC),
+    MethodSpec("scorecam", "scorecam:ScoreCAM", scoring=POST_HOC),
+    MethodSpec("recam", "cam:ReCAM", train="train_recam:run", train_args={"variant": "cam"}, scoring=RECAM),
+    MethodSpec("recam-scorecam", "cam:ReCAM", train="train_recam:run", train_args={"variant": "scorecam"},
+               scoring=RECAM),
+    MethodSpec("puzzlecam", "cam:CAM", train="train_puzzle:run", scoring=PUZZLE),
+    MethodSpec("sipe", "sipe:ISCAM", train="train_sipe:run", scoring=SIPE),
 )
 
 BY_NAME: dict[str, MethodSpec] = {m.name: m for m in METHODS}

@@ -59,6 +59,8 @@ class LoopSpec:
     #: > 0: clip the gradient norm of all parameters to it before each step (SIPE's
     #: ``clip_grad_norm_(..., max_norm=1)``; under fp16 AMP after unscaling)
     grad_clip: float = 0.0
+    nesterov: bool = False  # Puzzle-CAM's PolyOptimizer runs SGD with nesterov
+    bias_groups: bool = False  # Puzzle-CAM's biases apart at 2x lr, no weight decay (param_groups)
 
 
 def fingerprint(d: dict) -> str:
@@ -78,22 +80,35 @@ def set_rng_state(state: dict) -> None:
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, new_prefixes: tuple[str, ...],
-                 lr_mults: tuple[float, float] = (1.0, 10.0)):
-    """Two SGD groups: the trunk (every trainable parameter not named by ``new_prefixes``) at
+                 lr_mults: tuple[float, float] = (1.0, 10.0), bias_groups: bool = False):
+    """SGD groups: the trunk (every trainable parameter not named by ``new_prefixes``) at
     ``lr_mults[0] * lr`` and the freshly initialised heads (names starting with
-    ``new_prefixes``) at ``lr_mults[1] * lr``. Frozen parameters (``requires_grad`` False: the
-    stem under :meth:`~wsss.models.classifier.Classifier.freeze_stem_bn`) are in no group.
+    ``new_prefixes``) at ``lr_mults[1] * lr``, both with ``weight_decay``. Frozen parameters
+    (``requires_grad`` False: the stem under
+    :meth:`~wsss.models.classifier.Classifier.freeze_stem_bn`) are in no group.
 
     IRN/ReCAM step/train_cam.py:59-63 (lr, 10 lr) is the default; ReCAM's step/train_recam.py:71-75
-    puts the trunk and the classifier W at 0.1 lr and the predictor W' at lr: ``(0.1, 1.0)``."""
-    base, new = [], []
+    puts the trunk and the classifier W at 0.1 lr and the predictor W' at lr: ``(0.1, 1.0)``.
+
+    ``bias_groups``: Puzzle-CAM's four groups (core/abc_modules.py ``get_parameter_groups``,
+    train_classification_with_puzzle.py:218-223): the biases of each of the two groups apart, at
+    twice its lr and without weight decay. A bias is a parameter whose name ends in ``bias``
+    (BatchNorm's beta included); BatchNorm's gamma counts as a weight, as in the official split
+    on ``'weight' in name``."""
+    base, new, base_b, new_b = [], [], [], []
     for n, p in model.named_parameters():
         if p.requires_grad:
-            (new if n.startswith(new_prefixes) else base).append(p)
-    return [
-        {"params": base, "lr": lr_mults[0] * lr, "initial_lr": lr_mults[0] * lr, "weight_decay": weight_decay},
-        {"params": new, "lr": lr_mults[1] * lr, "initial_lr": lr_mults[1] * lr, "weight_decay": weight_decay},
+            is_new, is_bias = n.startswith(new_prefixes), bias_groups and n.rsplit(".", 1)[-1] == "bias"
+            ((new_b if is_bias else new) if is_new else (base_b if is_bias else base)).append(p)
+    lr0, lr1 = lr_mults[0] * lr, lr_mults[1] * lr
+    groups = [
+        {"params": base, "lr": lr0, "initial_lr": lr0, "weight_decay": weight_decay},
+        {"params": new, "lr": lr1, "initial_lr": lr1, "weight_decay": weight_decay},
     ]
+    if bias_groups:
+        groups += [{"params": base_b, "lr": 2 * lr0, "initial_lr": 2 * lr0, "weight_decay": 0.0},
+                   {"params": new_b, "lr": 2 * lr1, "initial_lr": 2 * lr1, "weight_decay": 0.0}]
+    return groups
 
 
 def frozen(params, trained_start: bool) -> bool:
@@ -103,9 +118,10 @@ def frozen(params, trained_start: bool) -> bool:
 
 
 def make_optimizer(model: nn.Module, spec: LoopSpec, new_prefixes: tuple[str, ...]) -> torch.optim.SGD:
-    """SGD over :func:`param_groups` with ``spec.momentum`` (no Nesterov, as the official code)."""
-    return torch.optim.SGD(param_groups(model, spec.lr, spec.weight_decay, new_prefixes, spec.lr_mults),
-                           lr=spec.lr, momentum=spec.momentum, nesterov=False)
+    """SGD over :func:`param_groups` with ``spec.momentum`` and ``spec.nesterov``."""
+    return torch.optim.SGD(param_groups(model, spec.lr, spec.weight_decay, new_prefixes, spec.lr_mults,
+                                        spec.bias_groups),
+                           lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov)
 
 
 def planned_schedule(n_items: int, batch_size: int, epochs: int, max_steps: int,

@@ -6,12 +6,29 @@ feature resolution for some classes of one normalised image (:meth:`CAMMethod.ma
 
 Inference follows IRN (Ahn et al., CVPR 2019, "Weakly Supervised Learning of Instance
 Segmentation with Inter-pixel Relations") and ReCAM (Chen et al., CVPR 2022): for every
-scale ``s`` in ``params.cam_scales`` the image is resized (bilinear) and its maps, plus the
+scale ``s`` in ``params.cam_scales`` the image is resized and its maps, plus the
 flipped-back maps of its horizontal mirror when ``params.cam_flip``, are upsampled to the
 original size (bilinear, ``align_corners=False``) and summed; each class map is finally
-divided by its maximum (+1e-5), so values lie in [0, 1]:
+normalised to [0, 1]:
 
-    M_c = sum_{s, f} up_HxW(flip_f(maps(flip_f(resize_s(I))))_c),   M_c <- M_c / (max M_c + 1e-5)
+    M_c = sum_{s, f} up_HxW(flip_f(maps(flip_f(resize_s(I))))_c)
+    max:    M_c <- M_c / (max M_c + 1e-5)                      (IRN make_cam.py, CAM, Grad-CAM++)
+    minmax: M_c <- (M_c - min M_c) / (max M_c - min M_c)       (Score-CAM's code; 0 if constant)
+
+Resize (``params.cam_resize``): ``bicubic`` resizes the uint8 RGB image with PIL's bicubic
+filter before normalising, as every official repository does (IRN/ReCAM
+``misc/imutils.py`` ``pil_rescale`` with ``resample=Image.BICUBIC``; Puzzle-CAM
+``inference_classification.py`` ``resample=PIL.Image.CUBIC``); ``bilinear`` is torch's
+bilinear resize of the normalised tensor (this harness before issue 13), kept as an option.
+
+Normalisation (``params.cam_norm``): ``reference`` (default) takes each method's own code's
+rule, :attr:`CAMMethod.reference_norm`: Score-CAM's code (haofanwang/Score-CAM
+``cam/scorecam.py``) applies ReLU then min-max to its final map, so a map that is positive
+everywhere (Score-CAM's softmax weights mix every channel) starts at 0 instead of keeping a
+high floor that passes any low threshold; CAM (IRN), Grad-CAM++ (the author's
+``misc/utils.py``: ``cam / np.max(cam)``), ReCAM and SIPE divide by the maximum. ``max`` and
+``minmax`` force one rule on every method. Since the maps are ReLU'd, min-max equals max
+division wherever some pixel of the map is 0.
 
 Target layer: by default the last feature map ``model.features(x)`` (what the classifier's
 GAP + 1x1 head reads). A name ``'layer1'``..``'layer4'`` (a stage of ``model.backbone``) or
@@ -38,6 +55,28 @@ from ..models.backbone import normalize
 LAYER_NAMES = ("features", "layer1", "layer2", "layer3", "layer4")
 
 
+def pil_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An HxWx3 uint8 image resized to ``size`` (H, W) with PIL's bicubic filter, as IRN's
+    ``misc/imutils.py`` ``pil_rescale`` (``order=3``) and Puzzle-CAM's ``get_cam`` do."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((size[1], size[0]), resample=Image.BICUBIC))
+
+
+def normalise_maps(maps: torch.Tensor, rule: str) -> torch.Tensor:
+    """Per-map normalisation of (n, H, W) non-negative maps: ``max`` divides by max + 1e-5
+    (IRN), ``minmax`` maps [min, max] to [0, 1] (Score-CAM's code; a constant map becomes 0)."""
+    flat = maps.flatten(1)
+    mx = flat.amax(1).view(-1, 1, 1)
+    if rule == "max":
+        return maps / (mx + 1e-5)
+    if rule != "minmax":
+        raise ValueError(f"normalisation must be max or minmax (got {rule!r})")
+    mn = flat.amin(1).view(-1, 1, 1)
+    rng = mx - mn
+    return torch.where(rng > 0, (maps - mn) / torch.where(rng > 0, rng, torch.ones_like(rng)), torch.zeros_like(maps))
+
+
 def _as_index(classes, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(list(classes) if not torch.is_tensor(classes) else classes,
                            dtype=torch.long, device=device).flatten()
@@ -53,7 +92,8 @@ class CAMMethod(abc.ABC):
         and ``forward(x) = head(features(x))`` (see :class:`wsss.models.classifier.Classifier`).
         It is moved to ``device`` and put in eval mode.
     params:
-        Reads ``cam_scales``, ``cam_flip``, ``cam_batch_size`` and ``device``; defaults to
+        Reads ``cam_scales``, ``cam_flip``, ``cam_resize``, ``cam_norm``, ``cam_batch_size``
+        and ``device``; defaults to
         ``Params()``.
     target_layer:
         ``None``/``'features'`` (last feature map), ``'layer1'``..``'layer4'`` of
@@ -66,6 +106,9 @@ class CAMMethod(abc.ABC):
     name: str = "base"
     #: Whether :meth:`maps` needs autograd (then ``__call__`` does not enter inference mode).
     needs_grad: bool = False
+    #: How the method's own reference code normalises its final map: ``max`` or ``minmax``
+    #: (what ``params.cam_norm: reference`` applies).
+    reference_norm: str = "max"
 
     def __init__(self, model: nn.Module, params: Params | None = None, *,
                  target_layer: str | nn.Module | None = None,
@@ -75,6 +118,7 @@ class CAMMethod(abc.ABC):
         self.model = model.to(self.device).eval()
         self.target_layer = target_layer
         self._layer = self._resolve_layer(target_layer)
+        self.resize = self.params.cam_resize  # read here: every scale of 1.0 never resizes
 
     # ------------------------------------------------------------------ target layer
     def _resolve_layer(self, target_layer) -> nn.Module | None:
@@ -197,15 +241,12 @@ class CAMMethod(abc.ABC):
         def amp_ctx():
             return torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
         with grad_ctx:
-            arr = np.stack([np.ascontiguousarray(im) for im in images])
-            x = torch.from_numpy(arr).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
-            x = normalize(x)
+            x = self._to_input(images)
             acc = [torch.zeros((len(c), H, W), device=self.device) for c in idx]
             if any(len(c) for c in idx):
                 for s in self.params.cam_scales:
                     size = (max(1, round(H * s)), max(1, round(W * s)))
-                    xs = x if size == (H, W) else F.interpolate(x, size=size, mode="bilinear",
-                                                                align_corners=False)
+                    xs = self._resized(images, x, size)
                     flips = (False, True) if self.params.cam_flip else (False,)
                     for flip in flips:
                         inp = xs.flip(-1) if flip else xs
@@ -222,9 +263,29 @@ class CAMMethod(abc.ABC):
             result = []
             for a in acc:
                 if a.shape[0]:
-                    a = a / (a.flatten(1).amax(1).view(-1, 1, 1) + 1e-5)
+                    a = normalise_maps(a, self.norm)
                 result.append(a.cpu().numpy().astype(np.float32, copy=False))
         return result
+
+    @property
+    def norm(self) -> str:
+        """The normalisation applied: ``params.cam_norm``, or the method's reference rule."""
+        norm = self.params.cam_norm
+        return self.reference_norm if norm == "reference" else norm
+
+    def _to_input(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        arr = np.stack([np.ascontiguousarray(im) for im in images])
+        x = torch.from_numpy(arr).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
+        return normalize(x)
+
+    def _resized(self, images: Sequence[np.ndarray], x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """The normalised batch at ``size`` (H, W): PIL bicubic on the uint8 images (the official
+        repositories' ``pil_rescale``) or torch bilinear on ``x``, per ``params.cam_resize``."""
+        if size == tuple(x.shape[-2:]):
+            return x
+        if self.resize == "bicubic":
+            return self._to_input([pil_resize(im, size) for im in images])
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
     def __repr__(self) -> str:
         layer = self.target_layer if isinstance(self.target_layer, str) or self.target_layer is None \

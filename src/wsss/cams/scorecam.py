@@ -178,6 +178,8 @@ class ScoreCAM(CAMMethod):
     """
 
     name = "scorecam"
+    #: haofanwang/Score-CAM cam/scorecam.py:84-90: ReLU, then (M - min) / (max - min).
+    reference_norm = "minmax"
 
     def __init__(self, model: nn.Module, params: Params | None = None, *,
                  chunk: int | None = None, baseline: bool | None = None, score: str | None = None,

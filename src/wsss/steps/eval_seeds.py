@@ -1,9 +1,20 @@
-"""Step ``eval-seeds``: seed mIoU on ``seed_split``.
+"""Step ``eval-seeds``: seed mIoU on ``seed_split``, in three labelled columns.
 
-A seed becomes a label map by putting a constant background score equal to ``threshold``
+A seed becomes a label map by putting a constant background score equal to a threshold
 beside the present classes' maps and taking the argmax (IRN/ReCAM's ``cam_eval_thres``).
-Besides the mIoU at ``threshold`` it sweeps ``threshold_sweep`` and writes the curve as a DVC
-plot (``outputs/plots/threshold/<method>.csv``) and an MLflow figure. On the synthetic world
+The metrics JSON holds three columns (issue 13, §3):
+
+* ``miou`` at the shared ``threshold``: the headline, the same rule for every method;
+* ``official_miou``: as the method's official code scores its maps (its
+  :class:`~wsss.methods.Scoring` in wsss.methods): a fixed threshold (IRN 0.15, ReCAM 0.21),
+  the best of a sweep (Puzzle-CAM 0.05-0.75), or the argmax over the method's own background
+  map (SIPE: the seed file's ``bg`` array; without it the column is NaN and
+  ``official_note`` says why, never a silent fall-back), labelled by ``official_rule``;
+* ``best_miou`` / ``best_threshold``: the oracle, the best over ``threshold_sweep``, picked on
+  the scored images themselves.
+
+It writes the curve over ``threshold_sweep`` as a DVC plot
+(``outputs/plots/threshold/<method>.csv``) and an MLflow figure. On the synthetic world
 (its ``SegmentationRole`` maps) it also measures where the seeds at ``threshold`` land: part vs
 body recall, co-occurrence and context false positives (:mod:`wsss.regime`).
 """
@@ -17,6 +28,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from .. import methods as method_specs
 from .. import regime
 from ..config import Params, seed_everything
 from ..errors import UserError
@@ -35,6 +47,35 @@ def seed_to_label(keys: np.ndarray, cams: np.ndarray, threshold: float, shape: t
     scores = np.concatenate([np.full((1, *cams.shape[1:]), threshold, np.float32), cams], axis=0)
     labels = np.concatenate([[0], keys + 1]).astype(np.uint8)
     return labels[np.argmax(scores, axis=0)]
+
+
+def seed_to_label_bg(keys: np.ndarray, cams: np.ndarray, bg: np.ndarray) -> np.ndarray:
+    """argmax over [bg (the method's own background map), cams...] -> 0 or class index + 1."""
+    if len(keys) == 0:
+        return np.zeros(bg.shape, dtype=np.uint8)
+    labels = np.concatenate([[0], keys + 1]).astype(np.uint8)
+    return labels[np.argmax(np.concatenate([bg[None], cams], axis=0), axis=0)]
+
+
+def official_column(scoring, miou_at: dict[float, float], bg_miou: float | None, missing_bg: int) -> dict:
+    """The official column from the mIoU at each threshold (``miou_at``), and for a
+    "background argmax" method the mIoU over [bg, cams] (``bg_miou``) and the number of seed
+    files without ``bg`` (``missing_bg``): official_miou, official_threshold (None when the rule
+    has none), official_rule (the column's label) and official_note."""
+    out = {"official_rule": scoring.label, "official_threshold": None, "official_note": ""}
+    if scoring.rule == method_specs.THRESHOLD:
+        t = scoring.thresholds[0]
+        out.update(official_miou=miou_at[t], official_threshold=t)
+    elif scoring.rule == method_specs.SWEEP:
+        t = max(scoring.thresholds, key=lambda v: (miou_at[v], -v))
+        out.update(official_miou=miou_at[t], official_threshold=t,
+                   official_note="threshold chosen on the scored ground truth, as the official code does")
+    elif missing_bg or bg_miou is None:
+        out.update(official_miou=float("nan"),
+                   official_note=f"{missing_bg} seed file(s) carry no 'bg' map: not scored (no fall-back)")
+    else:
+        out["official_miou"] = bg_miou
+    return out
 
 
 def open_roles(root: Path) -> dict[str, bool] | None:
@@ -67,18 +108,27 @@ def run(params: Params, method: str) -> dict:
     seed_everything(params.seed, params.threads)
     voc = open_split(params, params.seed_split)
     names = LABEL_NAMES
-    thresholds = sorted(set(params.threshold_sweep) | {params.threshold})
+    scoring = method_specs.get(method).scoring
+    swept = sorted(set(params.threshold_sweep) | {params.threshold})  # the curve and the oracle
+    thresholds = sorted(set(swept) | set(scoring.thresholds))
     cms = {t: ConfusionMatrix(NUM_LABELS) for t in thresholds}
+    bg_cm = ConfusionMatrix(NUM_LABELS) if scoring.rule == method_specs.BACKGROUND else None
+    missing_bg = 0
     seed_dir = out_dir("seeds", method)
     contexts = open_roles(voc.root)
     counts = regime.Counts()
     samples = []
     for id_ in tqdm(voc.ids, desc=f"eval-seeds {method}", dynamic_ncols=True, leave=False):
         gt = voc.mask(id_)
-        keys, cams = read_seed(seed_dir / f"{id_}.npz", method, gt.shape)
+        keys, cams, bg = read_seed(seed_dir / f"{id_}.npz", method, gt.shape, with_bg=True)
         labels = {t: seed_to_label(keys, cams, t, gt.shape) for t in thresholds}
         for t in thresholds:
             cms[t].update(labels[t], gt)
+        if bg_cm is not None:
+            if bg is None:
+                missing_bg += 1
+            else:
+                bg_cm.update(seed_to_label_bg(keys, cams, bg), gt)
         if contexts is not None:
             if id_ not in contexts:
                 raise UserError(f"{voc.root / CONTEXTS_FILE}: no entry for {id_}; regenerate with "
@@ -89,10 +139,13 @@ def run(params: Params, method: str) -> dict:
         if len(samples) < 4:
             samples.append((id_, keys, cams, gt))
     scores = cms[params.threshold].scores(names)
-    curve = [(t, cms[t].scores(names)["miou"]) for t in thresholds]
+    miou_at = {t: cms[t].scores(names)["miou"] for t in thresholds}
+    curve = [(t, miou_at[t]) for t in swept]
     best_t, best_miou = max(curve, key=lambda r: r[1])
-    metrics = {"miou": scores["miou"], "threshold": params.threshold, "best_threshold": best_t,
-               "best_miou": best_miou, "per_class_iou": scores["per_class_iou"],
+    official = official_column(scoring, miou_at, bg_cm.scores(names)["miou"] if bg_cm is not None and not missing_bg
+                               else None, missing_bg)
+    metrics = {"miou": scores["miou"], "threshold": params.threshold, **official, "best_threshold": best_t,
+               "best_miou": best_miou, "paper_column": scoring.paper, "per_class_iou": scores["per_class_iou"],
                "precision": scores["precision"], "recall": scores["recall"]}
     rates = counts.rates() if contexts is not None else {}
     metrics.update({k: v for k, v in rates.items() if v is not None})  # unmeasured: left out
@@ -100,7 +153,8 @@ def run(params: Params, method: str) -> dict:
     write_text(plot_path, "threshold,miou\n" + "".join(f"{t},{m:.6f}\n" for t, m in curve))
     write_json(out_dir("metrics", "eval_seeds", f"{method}.json"), metrics)
     with step_run("eval-seeds", params, method=method) as tracker:
-        tracker.log_metrics({"seed_miou": scores["miou"], "best_threshold": best_t, "best_seed_miou": best_miou})
+        tracker.log_metrics({"seed_miou": scores["miou"], "best_threshold": best_t, "best_seed_miou": best_miou,
+                             "official_seed_miou": official["official_miou"]})
         tracker.log_metrics({k: v for k, v in rates.items() if v is not None})
         for t, m in curve:
             tracker.log_metrics({"seed_miou_sweep": m}, step=int(round(t * 100)))
@@ -109,8 +163,10 @@ def run(params: Params, method: str) -> dict:
     where = (f"; part / body recall {_pct(rates['part_recall'])} / {_pct(rates['body_recall'])}, "
              f"co-occurrence FP {_pct(rates['cooccur_fp'])}, context FP {_pct(rates['context_fp'])}"
              if rates else "")
-    summary("eval-seeds", f"{method}: seed mIoU {scores['miou']:.4f} at threshold {params.threshold} "
-                          f"(best {best_miou:.4f} at {best_t}){where}")
+    note = f", {official['official_note']}" if official["official_note"] else ""
+    summary("eval-seeds", f"{method}: seed mIoU {scores['miou']:.4f} at threshold {params.threshold}; official "
+                          f"({official['official_rule']}) {official['official_miou']:.4f}{note}; oracle "
+                          f"{best_miou:.4f} at {best_t}{where}")
     return metrics
 
 
