@@ -215,7 +215,11 @@ def _sync_bn_worker(rank: int, port: int, x: torch.Tensor, w: torch.Tensor, out:
     dist.all_reduce(bn.bias.grad)
     torch.save({"y": y.detach(), "gx": xr.grad, "gw": bn.weight.grad, "gb": bn.bias.grad,
                 "mean": bn.running_mean, "var": bn.running_var}, f"{out}.{rank}")
-    dist.destroy_process_group()
+    dist.barrier()
+    # leave without tearing gloo down: in about 1 of 12 runs a spawned worker's interpreter
+    # teardown aborted ("terminate called without an active exception") after its results were
+    # saved; what is tested here is the numbers above, not the teardown
+    os._exit(0)
 
 
 def test_gloo_sync_batchnorm_is_batchnorm_over_the_whole_batch(tmp_path):

@@ -210,7 +210,11 @@ class GlooSyncBatchNorm(torch.nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and active()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
+        import warnings
+
+        with warnings.catch_warnings():  # its successor in torch._functional_collectives is private
+            warnings.simplefilter("ignore", FutureWarning)
+            from torch.distributed.nn.functional import all_reduce
 
         c = x.shape[1]
         xd = x.double()
