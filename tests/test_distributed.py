@@ -253,3 +253,22 @@ def test_gloo_sync_batchnorm_is_batchnorm_over_the_whole_batch(tmp_path):
     # and the statistics are the whole batch's, not a half's: a half batch gives other outputs
     half = torch.nn.BatchNorm2d(3)
     assert not torch.allclose(half(x[0::2]), torch.nn.BatchNorm2d(3)(x)[0::2], atol=1e-3)
+
+
+def test_every_method_training_runs_under_two_processes(world):
+    """train@M of every method with its own training (ReCAM with CAM and with Score-CAM masks,
+    Puzzle-CAM, SIPE) under torchrun with 2 gloo processes, each then sharded seeds: the global
+    batch's step count, one metrics file, every image's seed file (SIPE's with its bg map)."""
+    trained = ["recam", "recam-scorecam", "puzzlecam", "sipe"]
+    changes = {"nproc": 2, "cls_epochs": 1, "recam_epochs": 1, "puzzle_epochs": 1, "sipe_epochs": 1,
+               "scorecam_chunk": 256, "cam_scales": [1.0], "cam_flip": False,
+               "methods": {m: m for m in trained}}
+    _cli(world, "train-cls", **changes)
+    for m in trained:
+        out = _cli(world, "train", "--method", m, **changes).stdout
+        assert out.count(" steps") == 1, out  # rank 0's summary line only
+        assert json.loads((world / f"outputs/metrics/train_{m}.json").read_text())["steps"] == 4  # 16 images / 4
+        _cli(world, "seeds", "--method", m, **changes)
+        files = sorted((world / "outputs/seeds" / m).glob("*.npz"))
+        assert len(files) == 16
+        assert ("bg" in np.load(files[0])) == (m == "sipe")
