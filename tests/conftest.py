@@ -32,3 +32,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def predictor_only(weight):
+    """A stand-in model holding only ReCAM's predictor W' (K x C, a bias-free 1x1 conv set to
+    ``weight``): what ``train_recam.recam_loss`` reads of the model."""
+    import torch
+    from torch import nn
+
+    k, c = weight.shape
+    m = nn.Module()
+    m.recam_predictor = nn.Conv2d(c, k, 1, bias=False)
+    with torch.no_grad():
+        m.recam_predictor.weight.copy_(weight[:, :, None, None])
+    return m

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import predictor_only
 from wsss.config import Params
 from wsss.errors import UserError
 from wsss.metrics import predictor_warning
@@ -28,17 +29,6 @@ def _one_thread(one_thread):
 
 
 # ---------------------------------------------------------------------------- losses by hand
-class _Pred(nn.Module):
-    """Just a predictor W' (K x C) for recam_loss."""
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        k, c = weight.shape
-        self.recam_predictor = nn.Conv2d(c, k, 1, bias=False)
-        with torch.no_grad():
-            self.recam_predictor.weight.copy_(weight[:, :, None, None])
-
-
 def test_recam_sce_official_averaging_by_hand():
     """Three images, K = C = 3, W' = I (so p_bc = f_bc), 1 x 2 feature maps.
 
@@ -55,7 +45,7 @@ def test_recam_sce_official_averaging_by_hand():
     masks = torch.zeros(3, 3, 1, 2)
     masks[:, :, 0, 0] = 1.0
     labels = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
-    loss, acc = train_recam.recam_loss(_Pred(torch.eye(3)), feats, labels, masks, with_acc=True)
+    loss, acc = train_recam.recam_loss(predictor_only(torch.eye(3)), feats, labels, masks, with_acc=True)
     assert loss.item() == pytest.approx((1.5 * LN2 + LN3) / 3, rel=1e-6)
     assert acc == pytest.approx(1 / 3)
 

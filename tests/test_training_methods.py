@@ -18,6 +18,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from conftest import predictor_only
 from wsss.config import Params  # noqa: E402
 from wsss.datasets import random_scale_flip_crop  # noqa: E402
 from wsss.errors import UserError  # noqa: E402
@@ -65,21 +66,12 @@ def read_metrics(root: Path, name: str) -> dict:
 
 
 # ---------------------------------------------------------------------------- ReCAM math
-class _Pred(nn.Module):
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        k, c = weight.shape
-        self.recam_predictor = nn.Conv2d(c, k, 1, bias=False)
-        with torch.no_grad():
-            self.recam_predictor.weight.copy_(weight[:, :, None, None])
-
-
 def test_recam_loss_hand_built():
     # one image, 2 pixels, 2 channels; class 0 lives on pixel 0, class 1 on pixel 1
     feats = torch.tensor([[[[2.0, 0.0]], [[0.0, 4.0]]]])  # (1, 2, 1, 2)
     masks = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])  # (1, 2, 1, 2)
     labels = torch.tensor([[1.0, 1.0]])
-    model = _Pred(torch.eye(2))
+    model = predictor_only(torch.eye(2))
     # f_0 = mean(A * M_0) = (1, 0), f_1 = (0, 2); W' = I so p = f
     expected = 0.5 * (-math.log(math.e / (math.e + 1)) - math.log(math.e ** 2 / (1 + math.e ** 2)))
     loss = train_recam.recam_loss(model, feats, labels, masks)

@@ -216,16 +216,21 @@ class CAMMethod(abc.ABC):
         ``params.cam_batch_size`` and handed to :meth:`maps_batch` together; for every method
         but the Score-CAM study variant the result equals calling the images one by one.
         """
+        return self._in_groups(images, classes, self._cams_group)
+
+    def _in_groups(self, images: Sequence[np.ndarray], classes: Sequence[Sequence[int]], run) -> list:
+        """``run(images, classes)`` over runs of consecutive same-size images, at most
+        ``params.cam_batch_size`` at a time; the results concatenated in image order."""
         if len(images) != len(classes):
             raise ValueError(f"{len(images)} images but {len(classes)} class lists")
-        out: list[np.ndarray] = []
+        out: list = []
         bs = max(1, int(self.params.cam_batch_size))
         i = 0
         while i < len(images):
             j = i + 1
             while j < len(images) and j - i < bs and images[j].shape == images[i].shape:
                 j += 1
-            out.extend(self._cams_group(images[i:j], classes[i:j]))
+            out.extend(run(images[i:j], classes[i:j]))
             i = j
         return out
 

@@ -70,18 +70,7 @@ class ISCAM(CAMMethod):
     def cams_with_background(self, images: Sequence[np.ndarray],
                              classes: Sequence[Sequence[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """(class maps (n, H, W), background (H, W)) float32 in [0, 1] per image."""
-        if len(images) != len(classes):
-            raise ValueError(f"{len(images)} images but {len(classes)} class lists")
-        out: list[tuple[np.ndarray, np.ndarray]] = []
-        bs = max(1, int(self.params.cam_batch_size))
-        i = 0
-        while i < len(images):
-            j = i + 1
-            while j < len(images) and j - i < bs and images[j].shape == images[i].shape:
-                j += 1
-            out.extend(self._group_with_background(images[i:j], classes[i:j]))
-            i = j
-        return out
+        return self._in_groups(images, classes, self._group_with_background)
 
     @torch.no_grad()
     def _group_with_background(self, images: Sequence[np.ndarray],
