@@ -58,15 +58,15 @@ class _NoTracker:
 
 
 def peak_rss_mib() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
+    """This process's peak resident set (VmHWM; ru_maxrss where /proc is missing)."""
+    from .bench import _read_status_kb
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    kb = _read_status_kb("VmHWM")
+    if kb is None:
+        import resource
+
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024
 
 
 def measure_training(backbone: str, size: int, batch: int, steps: int, warmup: int, device: str,
