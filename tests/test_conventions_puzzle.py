@@ -280,6 +280,37 @@ def test_bicubic_resize_feeds_the_pil_bicubic_image():
         assert close == (mode == "bicubic")
 
 
+def test_sipe_bicubic_resize_feeds_the_pil_bicubic_image(monkeypatch):
+    """SIPE's make_cam.py reads VOC12ClsDatasetMSF, which rescales with pil_rescale(order=3):
+    the IS-CAM trunk must see the PIL-bicubic image under cam_resize: bicubic, as CAM does."""
+    import wsss.cams.sipe as sipe_cams
+
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    expected = np.array(Image.fromarray(img).resize((14, 10), resample=Image.BICUBIC))
+    exp_t = normalize(torch.from_numpy(expected).permute(2, 0, 1)[None].float() / 255)
+    seen = []
+
+    def recording_iscams(model, x, labels, flip=True):
+        seen.append(x.clone())
+        return torch.ones((x.shape[0], model.num_classes + 1, *x.shape[-2:]))
+
+    class FakeSIPE(nn.Module):
+        num_classes = 20
+        output_stride = 1
+
+        def hie_features(self, stages):  # only its presence is checked
+            raise AssertionError
+
+    monkeypatch.setattr(sipe_cams, "inference_iscams", recording_iscams)
+    for mode in ("bicubic", "bilinear"):
+        seen.clear()
+        sipe_cams.ISCAM(FakeSIPE(), Params(cam_scales=[2.0], cam_flip=False, cam_resize=mode))(img, [0])
+        (x,) = seen
+        assert x.shape == (1, 3, 10, 14)
+        assert torch.allclose(x, exp_t, atol=1e-5) == (mode == "bicubic")
+
+
 # ----------------------------------------------------------------------------- eval-seeds end to end
 def test_eval_seeds_writes_the_three_labelled_columns(tmp_path, monkeypatch):
     """One 2x4 image, ground truth [bg, bg, cat, cat] in both rows; the cat map

@@ -4,8 +4,9 @@ Chen, Yang, Lai and Xie, "Self-supervised Image-specific Prototype Exploration f
 Supervised Semantic Segmentation", CVPR 2022.
 
 As the official ``make_cam.py`` (chenqi1126/SIPE; math in :mod:`wsss.models.sipe`): for every
-scale in ``cam_scales`` the image (and, with ``cam_flip``, its mirror, in the same batch) goes
-through the trunk; the class scores and the hierarchical features of the pair are summed
+scale in ``cam_scales`` the image, resized as every method's is (``cam_resize: bicubic``: PIL's
+bicubic on the uint8 image, SIPE's ``data_voc.py`` ``pil_rescale``), and with ``cam_flip`` its
+mirror, in the same batch, go through the trunk; the class scores and the hierarchical features of the pair are summed
 (mirror flipped back) *before* anything else, then the normalised CAMs with the background
 1 - max over all 20 maps, the seeds from the fused hierarchical features, the prototypes and
 
@@ -30,7 +31,6 @@ from torch import nn
 
 from ..config import Params
 from ..errors import UserError
-from ..models.backbone import normalize
 from ..models.sipe import inference_iscams
 from .base import CAMMethod, _as_index
 
@@ -81,12 +81,11 @@ class ISCAM(CAMMethod):
         H, W = images[0].shape[:2]
         idx = [_as_index(c, self.device) for c in classes]
         labels = self._labels(idx)
-        arr = np.stack([np.ascontiguousarray(im) for im in images])
-        x = normalize(torch.from_numpy(arr).to(self.device).permute(0, 3, 1, 2).float().div_(255.0))
+        x = self._to_input(images)
         acc = torch.zeros((len(images), self.model.num_classes + 1, H, W), device=self.device)
         for s in self.params.cam_scales:
             size = (max(1, round(H * s)), max(1, round(W * s)))
-            xs = x if size == (H, W) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            xs = self._resized(images, x, size)  # cam_resize: PIL bicubic, as SIPE's pil_rescale
             isc = inference_iscams(self.model, xs, labels, self.params.cam_flip).float()
             acc += F.interpolate(isc, size=(H, W), mode="bilinear", align_corners=False)
         acc = acc / (acc.flatten(2).amax(-1)[:, :, None, None] + 1e-5)
