@@ -235,8 +235,12 @@ def train_loop(
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
+        # static_graph: every step uses the same parameters (frozen ones have no grad; a loss
+        # weighted 0 at a ramp's start is still in the graph), so DDP learns the used set in the
+        # first step instead of walking the autograd graph every step as find_unused_parameters
+        # does (which also warned on every run that it found nothing unused).
         ddp = DistributedDataParallel(_Step(model, step_fn), device_ids=[device.index] if device.type == "cuda" else None,
-                                      find_unused_parameters=True)
+                                      static_graph=True)
     run_step = ddp if ddp is not None else (lambda batch, step_: step_fn(model, batch, step_))
     logs: dict[str, float] = {}
     sampler = DistributedSampler(dataset, num_replicas=world, rank=dist.rank(), shuffle=True,
