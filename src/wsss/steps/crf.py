@@ -85,7 +85,7 @@ def _run_jobs(ids: list[str], workers: int, init_args: tuple, desc: str):
 
 
 # --------------------------------------------------------------------- step
-def _samples(voc: VOCDataset, ids: list[str], method: str, mask_dir: Path) -> np.ndarray:
+def sample_panel(voc: VOCDataset, ids: list[str], method: str, mask_dir: Path) -> np.ndarray:
     from PIL import Image
 
     from ..overlays import cam_heatmap, overlay, panel
@@ -142,7 +142,7 @@ def run(params: Params, method: str) -> dict:
 
                 tracker.log_figure(iou_bar_chart(metrics["per_class_iou"], f"pseudo-masks ({method})"),
                                    "charts/per_class_iou.png")
-            tracker.log_image(_samples(voc, ids[:N_SAMPLES], method, final_dir), "overlays/crf_samples.png")
+            tracker.log_image(sample_panel(voc, ids[:N_SAMPLES], method, final_dir), "overlays/crf_samples.png")
     miou = f"mIoU {metrics['miou']:.3f}, labelled-only mIoU {metrics['miou_labelled']:.3f}, " if scored else ""
     summary("crf", f"{method}: {len(ids)} pseudo-masks, {miou}"
                    f"{metrics['labelled_fraction']:.1%} of pixels labelled -> {final_dir}")
