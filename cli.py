@@ -380,6 +380,29 @@ def bench_scorecam(images: int = typer.Option(4), size: int = typer.Option(96),
     typer.echo(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
 
 
+@bench_app.command("randomwalk")
+@friendly
+def bench_randomwalk(sizes: str = typer.Option("64,96,128,256", help="square image sides, px (stride-4 maps)"),
+                     voc: bool = typer.Option(True, help="also VOC's 500x375"),
+                     radius: int = typer.Option(5, help="walk radius at stride 4 (IRN's 5)"),
+                     dense_max_nodes: int = typer.Option(4096, help="largest map (pixels) the dense reference runs on"),
+                     out: Optional[Path] = typer.Option(Path("outputs/bench/randomwalk.json"))):
+    """IRN's random walk, sparse vs the official dense matrix: time and peak memory ratios (benchmarks/README.md)."""
+    from wsss import bench_randomwalk as br
+    from wsss.io import write_json
+
+    try:
+        side = tuple(int(s) for s in sizes.split(",") if s.strip())
+    except ValueError:
+        raise UserError(f"--sizes {sizes!r}: give integers separated by commas, e.g. 64,96") from None
+    if not side or min(side) < 8 or radius < 2:
+        raise UserError("bench randomwalk: --sizes must list sides >= 8 px and --radius must be >= 2")
+    result = br.run_randomwalk_bench(side, voc, radius, dense_max_nodes=dense_max_nodes)
+    if out is not None:
+        write_json(out, result)
+    typer.echo(br.table(result))
+
+
 @bench_app.command("train")
 @friendly
 def bench_train(mode: str = typer.Option("cpu", help="cpu: 2 DDP processes x 1 thread vs 1 process x 2 threads; "
