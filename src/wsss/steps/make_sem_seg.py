@@ -34,15 +34,14 @@ from tqdm import tqdm
 from .. import methods
 from ..config import Params, resolve_device, seed_everything
 from ..datasets import to_tensor
-from ..errors import UserError
 from ..io import atomic_dir, save_label_png, write_json
 from ..metrics import ConfusionMatrix
 from ..models.irn import STRIDE, checkpoint_name, edge_to_affinity, load_irn
 from ..randomwalk import random_walk
 from ..tracking import step_run
 from ..voc import LABEL_NAMES, NUM_LABELS, PALETTE
-from .common import checkpoint_path, open_split, out_dir, read_seed, summary
-from .crf import N_SAMPLES, sample_panel, seed_path
+from .common import checkpoint_path, out_dir, read_seed, summary
+from .crf import log_masks, seed_path, seeded_split
 
 EPS = 1e-5
 
@@ -95,14 +94,7 @@ def run(params: Params, method: str) -> dict:
     methods.get(method)
     seed_everything(params.seed, params.threads)
     device = resolve_device(params.device, False)
-    voc = open_split(params, params.seed_split)
-    ids = list(voc.ids)
-    if not ids:
-        raise UserError(f"split '{params.seed_split}' has no ids; fix key 'seed_split' or the split list")
-    missing = [i for i in ids if not seed_path(method, i).is_file()]
-    if missing:
-        raise UserError(f"{seed_path(method, missing[0])}: seed file missing ({len(missing)} of {len(ids)} ids "
-                        f"have none); run `python cli.py seeds --method {method}` first")
+    voc, ids = seeded_split(params, method)
     model, _ = load_irn(checkpoint_path(checkpoint_name(method)), method, device)
     final_dir = mask_dir(method)
     cm = ConfusionMatrix(NUM_LABELS)
@@ -122,14 +114,7 @@ def run(params: Params, method: str) -> dict:
         if scored:
             metrics.update(cm.scores(LABEL_NAMES))
         write_json(out_dir("metrics", "irn", f"{method}.json"), metrics)
-        if tracker.active:
-            tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-            if scored:
-                from ..overlays import iou_bar_chart
-
-                tracker.log_figure(iou_bar_chart(metrics["per_class_iou"], f"IRN pseudo-masks ({method})"),
-                                   "charts/per_class_iou.png")
-            tracker.log_image(sample_panel(voc, ids[:N_SAMPLES], method, final_dir), "overlays/irn_samples.png")
+        log_masks(tracker, metrics, voc, ids, method, final_dir, "IRN pseudo-masks", "irn")
     miou = f", mIoU {metrics['miou']:.3f}" if scored else ""
     summary("make-sem-seg", f"{method}: {len(ids)} IRN pseudo-masks{miou} -> {final_dir}")
     return metrics
