@@ -35,6 +35,8 @@ def test_offsets_and_paths_by_hand():
     assert set(path(0, 2)) == {(0, 0), (0, 1), (0, 2)}
     # (2, 3): distance |2x - 3y| / sqrt(13) < 1, i.e. (2x - 3y)² < 13; (0, 2) has 16, (2, 1) has 16
     assert set(path(2, 3)) == {(0, 0), (0, 1), (1, 0), (1, 1), (1, 2), (1, 3), (2, 2), (2, 3)}
+    # (3, 4): cell (1, 3) lies at distance exactly 1 ((3*3 - 4*1)² = 25 = 3² + 4²): out (strict <, as the official)
+    assert (1, 3) not in path(3, 4) and (1, 2) in path(3, 4)
     with pytest.raises(ValueError):
         offsets(1)
 
