@@ -6,12 +6,14 @@
     python cli.py seeds --method recam-scorecam
     python cli.py eval-seeds --method cam        (threshold from params.yaml)
     python cli.py crf --method cam
+    python cli.py train-irn --method cam         (IRN boundary network on the crf masks as IR labels)
+    python cli.py make-sem-seg --method cam      (IRN random-walk pseudo-masks)
     python cli.py train-seg --method cam         (--method gt: fully supervised upper bound)
     python cli.py eval-seg --method cam
     python cli.py report
     python cli.py eval --pred DIR --gt DIR --out FILE.json
     python cli.py ui
-    python cli.py bench scorecam
+    python cli.py bench scorecam | bench randomwalk
 
 Every command reads params.yaml (``--params`` to choose another file). Errors the user can fix
 print one line and exit with status 2.
@@ -229,6 +231,25 @@ def crf(method: Method = typer.Option(...), params: Path = ParamsOpt):
     step.run(_params(params), method.value)
 
 
+@app.command("train-irn")
+@friendly
+def train_irn(method: Method = typer.Option(..., help="the method whose IR labels (crf pseudo-masks) to learn from"),
+              params: Path = ParamsOpt):
+    """Train IRN's boundary network on a method's IR labels (outputs/checkpoints/irn-<method>.pt)."""
+    from wsss.steps import train_irn as step
+
+    step.run(_step_params(params), method.value)
+
+
+@app.command("make-sem-seg")
+@friendly
+def make_sem_seg(method: Method = typer.Option(...), params: Path = ParamsOpt):
+    """IRN pseudo-masks by a random walk over the boundary map (outputs/irn_masks/<method>/) and their mIoU."""
+    from wsss.steps import make_sem_seg as step
+
+    step.run(_params(params), method.value)
+
+
 @app.command("train-seg")
 @friendly
 def train_seg(method: SegSource = typer.Option(..., help="pseudo-masks of this method, or gt"),
@@ -285,7 +306,7 @@ def compare(methods: str = typer.Option("cam,scorecam,recam,recam-scorecam", hel
 @friendly
 def spread(seeds: str = typer.Option("0,1,2", help="comma-separated random seeds"),
            methods: str = typer.Option("", help="comma-separated subset of params methods (default: all)"),
-           until: str = typer.Option("seg", help="last stage per method: seeds | crf | seg"),
+           until: str = typer.Option("seg", help="last stage per method: seeds | crf | irn | seg"),
            params: Path = ParamsOpt):
     """The pipeline once per random seed as DVC experiments (dvc exp show lists them), then
     mean ± std per method (outputs/spread/)."""
@@ -357,6 +378,29 @@ def bench_scorecam(images: int = typer.Option(4), size: int = typer.Option(96),
     if out is not None:
         write_json(out, result)
     typer.echo(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+
+
+@bench_app.command("randomwalk")
+@friendly
+def bench_randomwalk(sizes: str = typer.Option("64,96,128,256", help="square image sides, px (stride-4 maps)"),
+                     voc: bool = typer.Option(True, help="also VOC's 500x375"),
+                     radius: int = typer.Option(5, help="walk radius at stride 4 (IRN's 5)"),
+                     dense_max_nodes: int = typer.Option(4096, help="largest map (pixels) the dense reference runs on"),
+                     out: Optional[Path] = typer.Option(Path("outputs/bench/randomwalk.json"))):
+    """IRN's random walk, sparse vs the official dense matrix: time and peak memory ratios (benchmarks/README.md)."""
+    from wsss import bench_randomwalk as br
+    from wsss.io import write_json
+
+    try:
+        side = tuple(int(s) for s in sizes.split(",") if s.strip())
+    except ValueError:
+        raise UserError(f"--sizes {sizes!r}: give integers separated by commas, e.g. 64,96") from None
+    if not side or min(side) < 8 or radius < 2:
+        raise UserError("bench randomwalk: --sizes must list sides >= 8 px and --radius must be >= 2")
+    result = br.run_randomwalk_bench(side, voc, radius, dense_max_nodes=dense_max_nodes)
+    if out is not None:
+        write_json(out, result)
+    typer.echo(br.table(result))
 
 
 @bench_app.command("train")

@@ -11,7 +11,7 @@ Params (dynamic): every stage command runs in-process on a micro synthetic world
 :class:`Params` that records each field read outside Params' own bookkeeping (validation,
 ``to_dict``, ``dataclasses.replace``), once with the branch-selecting keys at their params.yaml
 values and once flipped (``seg_crf``, ``*_init``, ``recam_scorecam_mask``,
-``scorecam_variant``), since a stage must rerun when a key it reads in either branch changes.
+``scorecam_variant``, ``pseudo_masks``), since a stage must rerun when a key it reads in either branch changes.
 
 A ``foreach`` stage has one list for all its members (DVC cannot vary a list per member), so it
 must list the union over every declared method: a list that is right for any ``methods``.
@@ -197,11 +197,12 @@ MICRO = {"synth_n_train": 4, "synth_n_val": 2, "synth_n_extra": 0, "synth_size":
          "cls_batch_size": 2, "cls_crop": 32, "recam_epochs": 1, "puzzle_epochs": 1, "sipe_epochs": 1,
          "seg_epochs": 1, "seg_batch_size": 2, "seg_crop": 32, "cam_scales": [1.0], "cam_flip": False,
          "num_workers": 1, "crf_iters": 1, "threshold_sweep": [0.1, 0.3], "scorecam_chunk": 256, "max_steps": 1,
-         "threads": 1, "subset": 0, "train_split": "train", "device": "cpu", "pretrained": "none"}
+         "threads": 1, "subset": 0, "train_split": "train", "device": "cpu", "pretrained": "none",
+         "irn_crop": 32, "irn_batch_size": 2}
 FLIPPED = {"seg_crf": True, "seg_init": "pretrained", "puzzle_init": "pretrained", "sipe_init": "pretrained",
-           "recam_scorecam_mask": "online", "scorecam_variant": "study"}
+           "recam_scorecam_mask": "online", "scorecam_variant": "study", "pseudo_masks": "irn"}
 #: commands whose reads do not depend on the method: run for one method only
-METHOD_BLIND = {"eval-seeds", "crf", "train-seg", "eval-seg"}
+METHOD_BLIND = {"eval-seeds", "crf", "train-irn", "make-sem-seg", "train-seg", "eval-seg"}
 
 
 def _params(variant: dict) -> RecordingParams:
@@ -230,7 +231,8 @@ def collect_reads(root: Path) -> dict[str, set[str]]:
     members = stage_members(dvc_yaml)
     base = _params({})
     synth.generate(base.data_path(), base)
-    order = ["train-cls", "train", "seeds", "eval-seeds", "crf", "train-seg", "eval-seg", "train-seg-gt",
+    order = ["train-cls", "train", "seeds", "eval-seeds", "crf", "train-irn", "make-sem-seg", "train-seg", "eval-seg",
+             "train-seg-gt",
              "eval-seg-gt", "report"]
     assert set(order) == set(members), "a stage was added or renamed: add it to this order"
     reads: dict[str, set[str]] = {name: set() for name in members}

@@ -26,21 +26,27 @@ def test_aggregate_mean_and_population_std_by_hand():
 def test_report_table_from_metrics_files(tmp_path, monkeypatch):
     monkeypatch.setenv("WSSS_OUTPUTS", str(tmp_path))
     monkeypatch.setenv("WSSS_TRACKING", "0")
-    values = {"cam": (0.20, 0.30, 0.25), "recam-scorecam": (0.29, 0.33, 0.27)}
-    for m, (seed, mask, seg) in values.items():
-        for stage, v in (("eval_seeds", seed), ("crf", mask), ("eval_seg", seg)):
+    values = {"cam": (0.20, 0.30, 0.35, 0.25), "recam-scorecam": (0.29, 0.33, 0.31, 0.27)}
+    for m, (seed, mask, irn, seg) in values.items():
+        for stage, v in (("eval_seeds", seed), ("crf", mask), ("irn", irn), ("eval_seg", seg)):
             (tmp_path / "metrics" / stage).mkdir(parents=True, exist_ok=True)
             extra = ({"best_miou": v + 0.05, "best_threshold": 0.5, "official_miou": v - 0.01}
                      if stage == "eval_seeds" else {})
             (tmp_path / "metrics" / stage / f"{m}.json").write_text(json.dumps({"miou": v, **extra}))
     (tmp_path / "metrics" / "eval_seg" / "gt.json").write_text(json.dumps({"miou": 0.6}))
-    params = Params(methods={"cam": "cls", "recam-scorecam": "recam-scorecam"}, recam_scorecam_mask="online")
+    params = Params(methods={"cam": "cls", "recam-scorecam": "recam-scorecam"}, recam_scorecam_mask="online",
+                    pseudo_masks="irn")
     result = report.run(params)
     text = (tmp_path / "report.md").read_text()
-    # the three seed columns: shared threshold (29.0), oracle (34.0), official with its rule
-    assert "| recam-scorecam | 29.0 | +9.0 | 33.0 | +3.0 | 27.0 | +2.0 | 34.0 | 28.0 (threshold 0.21) |" in text
-    assert "| cam | 20.0 | - | 30.0 | - | 25.0 | - | 25.0 | 19.0 (threshold 0.15) |" in text
-    assert "| upper bound (seg on GT masks) | - | - | - | - | 60.0 | - | - | - |" in text
+    # the three seed columns: shared threshold (29.0), oracle (34.0), official with its rule; both
+    # pseudo-mask columns (CRF 33.0, IRN 31.0: 31 - 35 = -4.0 vs cam); the segmentation column
+    # names the masks it was trained on
+    assert "| segmentation mIoU (on IRN masks) |" in text
+    assert "| recam-scorecam | 29.0 | +9.0 | 33.0 | +3.0 | 31.0 | -4.0 | 27.0 | +2.0 | 34.0 | 28.0 (threshold 0.21) |" in text
+    assert "| cam | 20.0 | - | 30.0 | - | 35.0 | - | 25.0 | - | 25.0 | 19.0 (threshold 0.15) |" in text
+    assert "| upper bound (seg on GT masks) | - | - | - | - | - | - | 60.0 | - | - | - |" in text
+    # the regime block: IRN mask / seed = 0.35 / 0.20 = 1.75
+    assert "| CAM IRN pseudo-mask / CAM seed | 1.75 | 1.38 (reported; 66.5 / 48.3) |" in text
     # which column the papers' figures correspond to
     assert "| recam-scorecam | threshold 0.21 | zhaozhengChen/ReCAM run_sample.py:43" in text
     assert "the oracle column (its author" in text
@@ -129,20 +135,22 @@ def test_spread_report_shows_means_deltas_and_no_empty_single_run_table(tmp_path
     table, with the deltas of the means against cam (by hand), and its rows are the means."""
     monkeypatch.setenv("WSSS_OUTPUTS", str(tmp_path))
     monkeypatch.setenv("WSSS_TRACKING", "0")
-    per_seed = {0: [{"method": "cam", "seed": 0.20, "mask": 0.22, "seg": 0.10, "seed_best": 0.21,
+    per_seed = {0: [{"method": "cam", "seed": 0.20, "mask": 0.22, "irn": 0.30, "seg": 0.10, "seed_best": 0.21,
                      "seed_official": 0.23},
-                    {"method": "gradcam", "seed": 0.18, "mask": 0.19, "seg": 0.08, "seed_best": 0.19,
+                    {"method": "gradcam", "seed": 0.18, "mask": 0.19, "irn": 0.24, "seg": 0.08, "seed_best": 0.19,
                      "seed_official": 0.15}],
-                1: [{"method": "cam", "seed": 0.18, "mask": 0.20, "seg": 0.12, "seed_best": 0.19,
+                1: [{"method": "cam", "seed": 0.18, "mask": 0.20, "irn": 0.28, "seg": 0.12, "seed_best": 0.19,
                      "seed_official": 0.21},
-                    {"method": "gradcam", "seed": 0.16, "mask": 0.21, "seg": 0.10, "seed_best": 0.17,
+                    {"method": "gradcam", "seed": 0.16, "mask": 0.21, "irn": 0.26, "seg": 0.10, "seed_best": 0.17,
                      "seed_official": 0.17}]}
     agg = report.aggregate(per_seed)
     result = report.run(Params(methods={"cam": "cls", "gradcam": "cls"}), spread=agg)
     text = (tmp_path / "report.md").read_text()
-    assert ("| gradcam | 17.0 ± 1.0 | 20.0 ± 1.0 | 9.0 ± 1.0 | 18.0 ± 1.0 | 16.0 ± 1.0 (threshold 0.15) "
-            "| -2.0 / -1.0 / -2.0 |") in text
-    assert "| cam | 19.0 ± 1.0 | 21.0 ± 1.0 | 11.0 ± 1.0 | 20.0 ± 1.0 | 22.0 ± 1.0 (threshold 0.15) | - / - / - |" in text
+    # IRN column: gradcam (0.24, 0.26) -> 25.0 ± 1.0, cam's mean 29.0: delta -4.0
+    assert ("| gradcam | 17.0 ± 1.0 | 20.0 ± 1.0 | 25.0 ± 1.0 | 9.0 ± 1.0 | 18.0 ± 1.0 | 16.0 ± 1.0 (threshold 0.15) "
+            "| -2.0 / -1.0 / -4.0 / -2.0 |") in text
+    assert ("| cam | 19.0 ± 1.0 | 21.0 ± 1.0 | 29.0 ± 1.0 | 11.0 ± 1.0 | 20.0 ± 1.0 | 22.0 ± 1.0 (threshold 0.15) "
+            "| - / - / - / - |") in text
     assert "Δ vs cam | pseudo-mask" not in text  # no single-run table (its cells would be empty)
     assert result["rows"][0]["seed"] == pytest.approx(0.19)
     assert (tmp_path / "report.png").stat().st_size > 0
@@ -184,7 +192,8 @@ def test_regime_block_from_metrics_files(tmp_path, monkeypatch):
     assert "| gradcam | - | - | - | - | - |" in text
     assert "| upper bound (seg on GT masks) | - | - |" not in text.split("part recall")[1]
     assert result["regime"] == {"val_map": 0.46, "upper": 0.25, "cam_seed": 0.20, "cam_mask": 0.22,
-                                "seed_over_upper": pytest.approx(0.8), "mask_over_seed": pytest.approx(1.1)}
+                                "seed_over_upper": pytest.approx(0.8), "mask_over_seed": pytest.approx(1.1),
+                                "cam_irn": None, "irn_over_seed": None}  # no IRN metrics here
     saved = json.loads((tmp_path / "metrics" / "report.json").read_text())
     assert saved["rows"][0]["part_body"] == pytest.approx(4.0)
 

@@ -157,6 +157,21 @@ class Params:
     crf_bilateral_srgb: float = 13.0
     crf_bilateral_compat: float = 10.0
 
+    # IRN (Ahn et al. 2019): boundary network and random walk (train-irn, make-sem-seg)
+    irn_epochs: int = 3  # epochs of recipe_list_size images at irn_batch_size: 3 x 330 = 990 steps
+    irn_lr: float = 0.1
+    irn_batch_size: int = 32
+    irn_crop: int = 96  # VOC 512; a 24x24 stride-4 map here, 128x128 there
+    # pair radius at stride 4 of the affinity labels (official 10 at crop 512) and of the walk
+    # (official 5): scaled by the stride-4 map side (24 here vs 128 / about 110 on VOC), floored
+    # at 2, the smallest radius with pairs (see docs/methods.md, "IRN")
+    irn_radius: int = 2
+    irn_walk_radius: int = 2
+    irn_beta: float = 10.0
+    irn_exp_times: int = 8  # the walk runs 2^irn_exp_times steps
+    sem_seg_bg_thres: float = 0.25  # background score of the walked maps (IRN 0.25, ReCAM 0.28)
+    pseudo_masks: str = "crf"  # crf | irn: the pseudo-masks train-seg trains on
+
     # segmentation network
     seg_backbone: str = "resnet18"
     seg_epochs: int = 50
@@ -211,6 +226,7 @@ class Params:
         choice("freeze_stem_bn", ["trained", "always", "never"])
         choice("cam_resize", ["bicubic", "bilinear"])
         choice("cam_norm", ["reference", "max", "minmax"])
+        choice("pseudo_masks", ["crf", "irn"])
         for key in ("seg_init", "puzzle_init", "sipe_init"):
             choice(key, ["pretrained", "cls"])
         if self.output_stride not in (8, 16, 32):
@@ -218,8 +234,14 @@ class Params:
         positive("nproc", "synth_n_train", "synth_n_val", "synth_max_objects", "cls_epochs",
                  "cls_batch_size", "cls_lr", "cls_crop", "cam_batch_size", "scorecam_chunk",
                  "recam_epochs", "recam_lr", "puzzle_epochs", "puzzle_lr", "sipe_epochs",
-                 "sipe_lr", "seg_epochs", "seg_batch_size", "seg_lr", "seg_crop")
-        for k in ("cls_batch_size", "seg_batch_size"):  # each rank reads an equal share of a batch
+                 "sipe_lr", "seg_epochs", "seg_batch_size", "seg_lr", "seg_crop", "irn_epochs", "irn_lr",
+                 "irn_batch_size", "irn_crop", "irn_beta")
+        for k in ("irn_radius", "irn_walk_radius"):
+            if getattr(self, k) < 2:
+                raise bad(k, f"must be >= 2 (got {getattr(self, k)}): radius 1 has no pixel pairs")
+        if not 0 <= self.irn_exp_times <= 16:
+            raise bad("irn_exp_times", f"must be in 0..16 (got {self.irn_exp_times}); the walk runs 2^irn_exp_times steps")
+        for k in ("cls_batch_size", "seg_batch_size", "irn_batch_size"):  # each rank reads an equal share of a batch
             if self.nproc > 1 and getattr(self, k) % self.nproc:
                 raise bad(k, f"must be a multiple of nproc ({self.nproc}), got {getattr(self, k)}")
         if self.synth_size < 32:
@@ -245,7 +267,8 @@ class Params:
         if self.puzzle_nesterov and self.puzzle_momentum == 0:
             raise bad("puzzle_nesterov", "needs puzzle_momentum > 0 (SGD's nesterov has no effect without it); "
                                          "set puzzle_nesterov: false or a positive puzzle_momentum")
-        unit("synth_body_tint", "synth_cooccur", "synth_context", "synth_occlusion", "threshold", "conf_fg", "conf_bg")
+        unit("synth_body_tint", "synth_cooccur", "synth_context", "synth_occlusion", "threshold", "conf_fg", "conf_bg",
+             "sem_seg_bg_thres")
         if self.conf_bg > self.conf_fg:
             raise bad("conf_bg", f"must be <= conf_fg ({self.conf_bg} > {self.conf_fg})")
         _validate_methods(self.methods, bad)

@@ -20,7 +20,8 @@ from .config import Params, load_params
 from .errors import UserError
 
 #: last stage per method -> the dvc.yaml targets that reach it
-TARGETS = {"seeds": ["eval-seeds"], "crf": ["eval-seeds", "crf"], "seg": ["report"]}
+TARGETS = {"seeds": ["eval-seeds"], "crf": ["eval-seeds", "crf"], "irn": ["eval-seeds", "crf", "make-sem-seg"],
+           "seg": ["report"]}
 METRICS = "outputs/metrics/"
 
 
@@ -78,7 +79,7 @@ def results(show: list, names: list[str]) -> dict[str, dict]:
 #: last stage -> the metrics an experiment ran up to it made itself; the others in its commit
 #: are the baseline's (dvc restores every tracked output), from another seed: never read them
 FRESH = {"seeds": ("train_cls.json", "eval_seeds/"), "crf": ("train_cls.json", "eval_seeds/", "crf/"),
-         "seg": ("",)}
+         "irn": ("train_cls.json", "eval_seeds/", "crf/", "irn/"), "seg": ("",)}
 
 
 def rows_of(run: dict, methods: list[str], until: str = "seg") -> tuple[list[dict], dict]:

@@ -61,6 +61,18 @@ def open_split(params: Params, split: str, validate: bool = True):
     return VOCDataset(root, split, params.subset)
 
 
+def mask_fingerprint(mask_dir: Path) -> str:
+    """Names, sizes and mtimes of the label PNGs in ``mask_dir``: a resume never mixes two sets
+    of masks."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for p in sorted(mask_dir.glob("*.png")):
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
 def summary(step: str, text: str) -> None:
     """The one-line summary every step ends with (rank 0's, under torchrun)."""
     from ..distributed import is_main

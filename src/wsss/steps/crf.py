@@ -85,7 +85,7 @@ def _run_jobs(ids: list[str], workers: int, init_args: tuple, desc: str):
 
 
 # --------------------------------------------------------------------- step
-def _samples(voc: VOCDataset, ids: list[str], method: str, mask_dir: Path) -> np.ndarray:
+def sample_panel(voc: VOCDataset, ids: list[str], method: str, mask_dir: Path) -> np.ndarray:
     from PIL import Image
 
     from ..overlays import cam_heatmap, overlay, panel
@@ -103,7 +103,8 @@ def _samples(voc: VOCDataset, ids: list[str], method: str, mask_dir: Path) -> np
     return panel(rows, ["image", "seed (max CAM)", "pseudo-mask", "ground truth"])
 
 
-def run(params: Params, method: str) -> dict:
+def seeded_split(params: Params, method: str) -> tuple[VOCDataset, list[str]]:
+    """The ``seed_split`` and its ids, every one with a seed file of ``method`` (else one error)."""
     voc = open_split(params, params.seed_split)
     ids = list(voc.ids)
     if not ids:
@@ -112,6 +113,24 @@ def run(params: Params, method: str) -> dict:
     if missing:
         raise UserError(f"{seed_path(method, missing[0])}: seed file missing ({len(missing)} of {len(ids)} ids "
                         f"have none); run `python cli.py seeds --method {method}` first")
+    return voc, ids
+
+
+def log_masks(tracker, metrics: dict, voc: VOCDataset, ids: list[str], method: str, mask_dir: Path,
+              title: str, name: str) -> None:
+    """MLflow: the numeric metrics, the per-class IoU chart and sample overlays of a mask step."""
+    if not tracker.active:
+        return
+    tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    if metrics.get("n_scored"):
+        from ..overlays import iou_bar_chart
+
+        tracker.log_figure(iou_bar_chart(metrics["per_class_iou"], f"{title} ({method})"), "charts/per_class_iou.png")
+    tracker.log_image(sample_panel(voc, ids[:N_SAMPLES], method, mask_dir), f"overlays/{name}_samples.png")
+
+
+def run(params: Params, method: str) -> dict:
+    voc, ids = seeded_split(params, method)
     workers = min(resolve_workers(params), len(ids))
     final_dir = out_dir("pseudo_masks", method)
     cm, cm_labelled = ConfusionMatrix(NUM_LABELS), ConfusionMatrix(NUM_LABELS)
@@ -135,14 +154,7 @@ def run(params: Params, method: str) -> dict:
             metrics.update({"miou_labelled": sl["miou"], "per_class_iou_labelled": sl["per_class_iou"],
                             "pixel_accuracy_labelled": sl["pixel_accuracy"]})
         write_json(out_dir("metrics", "crf", f"{method}.json"), metrics)
-        if tracker.active:
-            tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-            if scored:
-                from ..overlays import iou_bar_chart
-
-                tracker.log_figure(iou_bar_chart(metrics["per_class_iou"], f"pseudo-masks ({method})"),
-                                   "charts/per_class_iou.png")
-            tracker.log_image(_samples(voc, ids[:N_SAMPLES], method, final_dir), "overlays/crf_samples.png")
+        log_masks(tracker, metrics, voc, ids, method, final_dir, "pseudo-masks", "crf")
     miou = f"mIoU {metrics['miou']:.3f}, labelled-only mIoU {metrics['miou_labelled']:.3f}, " if scored else ""
     summary("crf", f"{method}: {len(ids)} pseudo-masks, {miou}"
                    f"{metrics['labelled_fraction']:.1%} of pixels labelled -> {final_dir}")

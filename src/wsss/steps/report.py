@@ -22,7 +22,10 @@ from ..io import atomic_path, write_json, write_text
 from ..tracking import step_run
 from .common import out_dir, summary
 
-STAGES = (("seed", "eval_seeds"), ("mask", "crf"), ("seg", "eval_seg"))
+#: (row key, metrics folder): seed mIoU, pseudo-mask mIoU of the dense CRF and of IRN's random
+#: walk (make-sem-seg, Ahn et al. 2019), segmentation mIoU (trained on the masks ``pseudo_masks`` names)
+STAGES = (("seed", "eval_seeds"), ("mask", "crf"), ("irn", "irn"), ("seg", "eval_seg"))
+LABELS = {"seed": "seed", "mask": "pseudo-mask (CRF)", "irn": "pseudo-mask (IRN)", "seg": "segmentation"}
 #: Seed mIoU at the best threshold of ``threshold_sweep`` for each method: chosen on the
 #: scored images themselves (an oracle), so it separates how well a method localises from how
 #: its scores are calibrated against the one shared ``threshold``.
@@ -49,6 +52,8 @@ REGIME = (
     ("cam_mask", "CAM pseudo-mask mIoU", "pct", "66.5 (reported; IRN pseudo-masks, train)"),
     ("seed_over_upper", "CAM seed / upper bound", "ratio", "about 0.6 (reported; 48.3 / 76-80)"),
     ("mask_over_seed", "CAM pseudo-mask / CAM seed", "ratio", "1.38 (reported; 66.5 / 48.3)"),
+    ("cam_irn", "CAM pseudo-mask mIoU, IRN random walk", "pct", "66.5 (reported; IRN pseudo-masks, train)"),
+    ("irn_over_seed", "CAM IRN pseudo-mask / CAM seed", "ratio", "1.38 (reported; 66.5 / 48.3)"),
 )
 
 #: Published PASCAL VOC 2012 figures (mIoU %, seed/mask on train, seg on val), from SEEDS.md.
@@ -88,7 +93,7 @@ def collect(methods: list[str], read=_read) -> list[dict]:
                      ORACLE: seed_scores.get("best_miou"), OFFICIAL: seed_scores.get("official_miou"), **roles})
     gt = read("eval_seg", "gt.json").get("miou")
     if gt is not None:
-        rows.append({"method": "upper bound (seg on GT masks)", "seed": None, "mask": None, "seg": gt,
+        rows.append({"method": "upper bound (seg on GT masks)", "seed": None, "mask": None, "irn": None, "seg": gt,
                      ORACLE: None, OFFICIAL: None, **dict.fromkeys(ROLE_KEYS)})
     return rows
 
@@ -112,9 +117,10 @@ def regime_values(rows: list[dict], val_map: float | None) -> dict:
     """The measured side of the regime block, from the rows and the classifier's val mAP."""
     cam = next((r for r in rows if r["method"] == "cam"), {})
     upper = next((r["seg"] for r in rows if r["method"].startswith("upper")), None)
-    seed_miou, mask_miou = cam.get("seed"), cam.get("mask")
+    seed_miou, mask_miou, irn_miou = cam.get("seed"), cam.get("mask"), cam.get("irn")
     return {"val_map": val_map, "upper": upper, "cam_seed": seed_miou, "cam_mask": mask_miou,
-            "seed_over_upper": _ratio(seed_miou, upper), "mask_over_seed": _ratio(mask_miou, seed_miou)}
+            "seed_over_upper": _ratio(seed_miou, upper), "mask_over_seed": _ratio(mask_miou, seed_miou),
+            "cam_irn": irn_miou, "irn_over_seed": _ratio(irn_miou, seed_miou)}
 
 
 def _cell(kind: str, value, std=None) -> str:
@@ -134,15 +140,16 @@ def _delta(method: str, value, base) -> str:
     return f"{100 * (value - base):+.1f}"
 
 
-def _single_table(rows: list[dict]) -> list[str]:
+def _single_table(rows: list[dict], seg_masks: str = "crf") -> list[str]:
     base = next((r for r in rows if r["method"] == "cam"), {})
-    lines = ["| method | seed mIoU | Δ vs cam | pseudo-mask mIoU | Δ vs cam | segmentation mIoU | Δ vs cam "
+    lines = ["| method | seed mIoU | Δ vs cam | pseudo-mask mIoU (CRF) | Δ vs cam | pseudo-mask mIoU (IRN) | Δ vs cam "
+             f"| segmentation mIoU (on {seg_masks.upper()} masks) | Δ vs cam "
              "| seed mIoU, oracle threshold | seed mIoU, official scoring |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cells = [r["method"]]
         for k, _ in STAGES:
-            cells += [_cell("pct", r[k]), _delta(r["method"], r[k], base.get(k))]
+            cells += [_cell("pct", r.get(k)), _delta(r["method"], r.get(k), base.get(k))]
         cells += [_cell("pct", r.get(ORACLE)), _official_cell(r["method"], r.get(OFFICIAL))]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -171,11 +178,12 @@ def scoring_notes(names: list[str]) -> list[str]:
     return lines
 
 
-def _spread_table(spread: dict) -> list[str]:
+def _spread_table(spread: dict, seg_masks: str = "crf") -> list[str]:
     cam = spread["methods"].get("cam", {})
-    lines = ["| method | seed mIoU | pseudo-mask mIoU | segmentation mIoU | seed mIoU, oracle threshold "
-             "| seed mIoU, official scoring | Δ vs cam (seed / mask / seg, of the means) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | seed mIoU | pseudo-mask mIoU (CRF) | pseudo-mask mIoU (IRN) "
+             f"| segmentation mIoU (on {seg_masks.upper()} masks) | seed mIoU, oracle threshold "
+             "| seed mIoU, official scoring | Δ vs cam (seed / CRF mask / IRN mask / seg, of the means) |",
+             "|---|---|---|---|---|---|---|---|"]
     for m, st in spread["methods"].items():
         deltas = [_delta(m, st.get(k, (None,))[0], cam.get(k, (None,))[0]) for k, _ in STAGES]
         cells = [_cell("pct", *st.get(k, (None, None))) for k in SPREAD_KEYS if k != OFFICIAL]
@@ -224,11 +232,13 @@ def markdown(rows: list[dict], params: Params, spread: dict | None = None, regim
     lines = [f"# WSSS comparison on the {world}", "",
              f"Measured here: seed mIoU on `{params.seed_split}` (threshold {params.threshold}), "
              f"pseudo-mask mIoU on `{params.seed_split}` (dense CRF, conf_fg {params.conf_fg} / conf_bg "
-             f"{params.conf_bg}, void counts as a miss), segmentation mIoU on `{params.val_split}`; "
+             f"{params.conf_bg}, void counts as a miss; and IRN's random walk, background score "
+             f"{params.sem_seg_bg_thres}), segmentation mIoU on `{params.val_split}` of the network trained on "
+             f"the {params.pseudo_masks.upper()} masks (`pseudo_masks`); "
              f"backbone {params.backbone}, {which}. Numbers are mIoU in %.", ""]
     if warnings:
         lines += [*warnings, ""]
-    lines += _spread_table(spread) if spread else _single_table(rows)
+    lines += _spread_table(spread, params.pseudo_masks) if spread else _single_table(rows, params.pseudo_masks)
     lines += ["", f"Three seed columns: the headline at the shared threshold {params.threshold} (one rule for "
               "every method); the official scoring, as each method's official code scores its maps (rule in "
               "brackets, table below); and the oracle, the best seed mIoU over threshold_sweep "
@@ -262,14 +272,14 @@ def bar_chart(rows: list[dict], path: Path, spread: dict | None = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 3.8))
-    width = 0.27
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 3.8))
+    width = 0.8 / len(STAGES)
     x = np.arange(len(rows))
     for i, (k, _) in enumerate(STAGES):
-        vals = [100 * r[k] if r[k] is not None else 0 for r in rows]
+        vals = [100 * r[k] if r.get(k) is not None else 0 for r in rows]
         err = ([100 * spread["methods"][r["method"]].get(k, (0, 0))[1] for r in rows] if spread else None)
-        ax.bar(x + (i - 1) * width, vals, width, yerr=err, capsize=2 if spread else 0,
-               label={"seed": "seed", "mask": "pseudo-mask", "seg": "segmentation"}[k])
+        ax.bar(x + (i - (len(STAGES) - 1) / 2) * width, vals, width, yerr=err, capsize=2 if spread else 0,
+               label=LABELS[k])
     ax.set_xticks(x, [r["method"].replace(" (seg on GT masks)", "\n(GT masks)") for r in rows], rotation=30, ha="right")
     ax.set_ylabel("mIoU (%)")
     ax.legend()

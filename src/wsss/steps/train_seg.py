@@ -1,8 +1,9 @@
 """Step ``train-seg``: the DeepLab-v3-style network (Chen et al. 2017) trained on the
 pseudo-masks of one seed method, the last stage of the IRN / ReCAM pipeline.
 
-``method`` names the pseudo-masks ``outputs/pseudo_masks/<method>/`` made on
-``params.seed_split``; ``method == "gt"`` trains on the ground-truth masks of the same
+``method`` names the pseudo-masks made on ``params.seed_split``: the dense-CRF ones
+``outputs/pseudo_masks/<method>/`` or, with ``pseudo_masks: irn``, IRN's random-walk ones
+``outputs/irn_masks/<method>/``; ``method == "gt"`` trains on the ground-truth masks of the same
 ``params.seed_split`` images instead (the fully supervised upper bound: same images, same
 network, same schedule, so the gap measures label quality alone). Pixel-wise cross-entropy
 ignoring 255, SGD with polynomial decay (:func:`wsss.trainer.train_loop`, 10x learning rate
@@ -19,8 +20,6 @@ Writes ``outputs/checkpoints/seg-<method>.pt`` and ``outputs/metrics/train_seg/<
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -36,7 +35,7 @@ from ..models.deeplab import build_deeplab
 from ..tracking import step_run
 from ..trainer import LoopSpec, planned_schedule, train_loop
 from ..voc import NUM_LABELS, VOID
-from .common import open_split, out_dir, summary
+from .common import mask_fingerprint, open_split, out_dir, summary
 
 GT = methods.GT
 TRAINING_KEYS = ("seed", "dataset", "data_dir", "subset", "seg_backbone", "output_stride", "pretrained",
@@ -44,15 +43,6 @@ TRAINING_KEYS = ("seed", "dataset", "data_dir", "subset", "seg_backbone", "outpu
                  "max_steps")
 #: Validation images scored after every epoch (the full score is eval-seg's job).
 VAL_QUICK = 100
-
-
-def _mask_fingerprint(mask_dir) -> str:
-    """Names, sizes and mtimes of the pseudo-masks: a resume never mixes two sets of masks."""
-    h = hashlib.sha1()
-    for p in sorted(mask_dir.glob("*.png")):
-        st = p.stat()
-        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return h.hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -97,6 +87,12 @@ def init_from_classifier(model, params: Params) -> str:
     return start_from_classifier(model, checkpoint_path("cls"), params.seg_backbone, "seg_init", head=False)
 
 
+def pseudo_mask_dir(params: Params, method: str):
+    """The masks train-seg trains on: the dense-CRF ones (``pseudo_masks: crf``,
+    outputs/pseudo_masks/<method>) or IRN's random-walk ones (``irn``, outputs/irn_masks/<method>)."""
+    return out_dir("pseudo_masks" if params.pseudo_masks == "crf" else "irn_masks", method)
+
+
 def run(params: Params, method: str) -> dict:
     methods.get(method, allow_gt=True)  # one clear error for an unknown method
     seed_everything(params.seed, params.threads)
@@ -111,11 +107,14 @@ def run(params: Params, method: str) -> dict:
         keys["split"] = params.seed_split
     else:
         train = open_split(params, params.seed_split)
-        mask_dir = out_dir("pseudo_masks", method)
+        mask_dir = pseudo_mask_dir(params, method)
         if not mask_dir.is_dir():
-            raise UserError(f"{mask_dir}: pseudo-masks missing; run `python cli.py crf --method {method}` first")
+            make = "crf" if params.pseudo_masks == "crf" else "make-sem-seg"
+            raise UserError(f"{mask_dir}: pseudo-masks missing (pseudo_masks: {params.pseudo_masks}); "
+                            f"run `python cli.py {make} --method {method}` first")
         keys["split"] = params.seed_split
-        keys["masks"] = _mask_fingerprint(mask_dir)
+        keys["pseudo_masks"] = params.pseudo_masks
+        keys["masks"] = mask_fingerprint(mask_dir)
     keys["method"] = method
     if len(train) < params.seg_batch_size:
         raise UserError(f"split '{train.split}' has {len(train)} images, fewer than seg_batch_size "
