@@ -34,13 +34,17 @@ def test_report_table_from_metrics_files(tmp_path, monkeypatch):
                      if stage == "eval_seeds" else {})
             (tmp_path / "metrics" / stage / f"{m}.json").write_text(json.dumps({"miou": v, **extra}))
     (tmp_path / "metrics" / "eval_seg" / "gt.json").write_text(json.dumps({"miou": 0.6}))
+    (tmp_path / "metrics" / "eval_dsrg").mkdir()  # DSRG trained for recam-scorecam only
+    (tmp_path / "metrics" / "eval_dsrg" / "recam-scorecam.json").write_text(json.dumps({"miou": 0.31}))
     params = Params(methods={"cam": "cls", "recam-scorecam": "recam-scorecam"}, recam_scorecam_mask="online")
     result = report.run(params)
     text = (tmp_path / "report.md").read_text()
-    # the three seed columns: shared threshold (29.0), oracle (34.0), official with its rule
-    assert "| recam-scorecam | 29.0 | +9.0 | 33.0 | +3.0 | 27.0 | +2.0 | 34.0 | 28.0 (threshold 0.21) |" in text
-    assert "| cam | 20.0 | - | 30.0 | - | 25.0 | - | 25.0 | 19.0 (threshold 0.15) |" in text
-    assert "| upper bound (seg on GT masks) | - | - | - | - | 60.0 | - | - | - |" in text
+    # the three seed columns: shared threshold (29.0), oracle (34.0), official with its rule;
+    # the DSRG segmentation (31.0) beside the CRF-mask one (27.0)
+    assert "| DSRG segmentation mIoU |" in text
+    assert "| recam-scorecam | 29.0 | +9.0 | 33.0 | +3.0 | 27.0 | +2.0 | 31.0 | 34.0 | 28.0 (threshold 0.21) |" in text
+    assert "| cam | 20.0 | - | 30.0 | - | 25.0 | - | - | 25.0 | 19.0 (threshold 0.15) |" in text
+    assert "| upper bound (seg on GT masks) | - | - | - | - | 60.0 | - | - | - | - |" in text
     # which column the papers' figures correspond to
     assert "| recam-scorecam | threshold 0.21 | zhaozhengChen/ReCAM run_sample.py:43" in text
     assert "the oracle column (its author" in text
@@ -140,9 +144,9 @@ def test_spread_report_shows_means_deltas_and_no_empty_single_run_table(tmp_path
     agg = report.aggregate(per_seed)
     result = report.run(Params(methods={"cam": "cls", "gradcam": "cls"}), spread=agg)
     text = (tmp_path / "report.md").read_text()
-    assert ("| gradcam | 17.0 ± 1.0 | 20.0 ± 1.0 | 9.0 ± 1.0 | 18.0 ± 1.0 | 16.0 ± 1.0 (threshold 0.15) "
+    assert ("| gradcam | 17.0 ± 1.0 | 20.0 ± 1.0 | 9.0 ± 1.0 | - | 18.0 ± 1.0 | 16.0 ± 1.0 (threshold 0.15) "
             "| -2.0 / -1.0 / -2.0 |") in text
-    assert "| cam | 19.0 ± 1.0 | 21.0 ± 1.0 | 11.0 ± 1.0 | 20.0 ± 1.0 | 22.0 ± 1.0 (threshold 0.15) | - / - / - |" in text
+    assert "| cam | 19.0 ± 1.0 | 21.0 ± 1.0 | 11.0 ± 1.0 | - | 20.0 ± 1.0 | 22.0 ± 1.0 (threshold 0.15) | - / - / - |" in text
     assert "Δ vs cam | pseudo-mask" not in text  # no single-run table (its cells would be empty)
     assert result["rows"][0]["seed"] == pytest.approx(0.19)
     assert (tmp_path / "report.png").stat().st_size > 0

@@ -171,6 +171,15 @@ class Params:
     seg_init: str = "cls"
     seg_val_every: int = 0  # quick val mIoU every N epochs during train-seg (0 = only after the last)
 
+    # DSRG (Huang et al. 2018): train-dsrg (same network and schedule as train-seg) and eval-dsrg
+    dsrg_fg_thres: float = 0.35  # seed: argmax class of the present CAMs where its CAM > this
+    dsrg_bg_thres: float = 0.10  # seed: background where every present CAM (or the saliency) < this
+    dsrg_saliency_dir: str = ""  # folder of <id>.png saliency maps for the background seeds; "" = none
+    dsrg_grow_fg: float = 0.85  # growing threshold of a class (official th2)
+    dsrg_grow_bg: float = 0.99  # growing threshold of background (official th1)
+    dsrg_grow_on: str = "crf"  # crf (official UpdateSeedLayer3) | softmax (the paper's H)
+    dsrg_rounds: int = 2  # 1: DSRG training; each further round retrains on the previous one's predictions
+
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
         """Check every value on construction (``Params(...)``, ``dataclasses.replace``): types
@@ -211,6 +220,7 @@ class Params:
         choice("freeze_stem_bn", ["trained", "always", "never"])
         choice("cam_resize", ["bicubic", "bilinear"])
         choice("cam_norm", ["reference", "max", "minmax"])
+        choice("dsrg_grow_on", ["crf", "softmax"])
         for key in ("seg_init", "puzzle_init", "sipe_init"):
             choice(key, ["pretrained", "cls"])
         if self.output_stride not in (8, 16, 32):
@@ -218,7 +228,7 @@ class Params:
         positive("nproc", "synth_n_train", "synth_n_val", "synth_max_objects", "cls_epochs",
                  "cls_batch_size", "cls_lr", "cls_crop", "cam_batch_size", "scorecam_chunk",
                  "recam_epochs", "recam_lr", "puzzle_epochs", "puzzle_lr", "sipe_epochs",
-                 "sipe_lr", "seg_epochs", "seg_batch_size", "seg_lr", "seg_crop")
+                 "sipe_lr", "seg_epochs", "seg_batch_size", "seg_lr", "seg_crop", "dsrg_rounds")
         for k in ("cls_batch_size", "seg_batch_size"):  # each rank reads an equal share of a batch
             if self.nproc > 1 and getattr(self, k) % self.nproc:
                 raise bad(k, f"must be a multiple of nproc ({self.nproc}), got {getattr(self, k)}")
@@ -246,6 +256,9 @@ class Params:
             raise bad("puzzle_nesterov", "needs puzzle_momentum > 0 (SGD's nesterov has no effect without it); "
                                          "set puzzle_nesterov: false or a positive puzzle_momentum")
         unit("synth_body_tint", "synth_cooccur", "synth_context", "synth_occlusion", "threshold", "conf_fg", "conf_bg")
+        unit("dsrg_fg_thres", "dsrg_bg_thres", "dsrg_grow_fg", "dsrg_grow_bg")
+        if self.dsrg_bg_thres > self.dsrg_fg_thres:
+            raise bad("dsrg_bg_thres", f"must be <= dsrg_fg_thres ({self.dsrg_bg_thres} > {self.dsrg_fg_thres})")
         if self.conf_bg > self.conf_fg:
             raise bad("conf_bg", f"must be <= conf_fg ({self.conf_bg} > {self.conf_fg})")
         _validate_methods(self.methods, bad)
