@@ -86,6 +86,18 @@ def test_growing_needs_a_seed_of_the_same_label():
     np.testing.assert_array_equal(grown, seed)
 
 
+def test_growing_takes_the_argmax_over_present_labels_only():
+    """Absent label 7 is the network's top guess at (0, 1), but among the present {0, 3} label 3
+    wins there with 0.45 > 0.4 (a low threshold, so that a present label can pass while an
+    absent one is higher) next to the seed of 3: it joins 3. At (0, 2) no present label passes."""
+    seed = np.array([[3, V, V]], np.uint8)
+    p = np.zeros((21, 1, 3), np.float32)
+    p[[7, 3, 0], 0, 1] = [0.5, 0.45, 0.05]
+    p[[7, 3, 0], 0, 2] = [0.9, 0.05, 0.05]
+    grown = grow_seeds(seed, p, np.array([3]), 0.4, 0.99)
+    np.testing.assert_array_equal(grown, np.array([[3, 3, V]], np.uint8))
+
+
 # ------------------------------------------------------------------------------- losses
 def test_seed_loss_by_hand():
     # 3 labels, images of 1 x 3 pixels; probs[b, label, 0, x]
