@@ -20,7 +20,7 @@ import numpy as np
 
 from .voc import NUM_LABELS, VOID
 
-#: The probability floor of DSRG's softmax and CRF layers (pylayers.py:20 ``min_prob``).
+#: The probability floor of DSRG's softmax and CRF layers (pylayers/pylayers.py:21 ``min_prob``).
 MIN_PROB = 1e-4
 #: 8-connectivity, as the official CC_labeling_8 connected-component labelling.
 EIGHT = np.ones((3, 3), dtype=bool)
