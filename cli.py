@@ -10,10 +10,13 @@
     python cli.py make-sem-seg --method cam      (IRN random-walk pseudo-masks)
     python cli.py train-seg --method cam         (--method gt: fully supervised upper bound)
     python cli.py eval-seg --method cam
+    python cli.py train-dsrg --method cam        (DSRG: seeds -> region growing in the loop)
+    python cli.py eval-dsrg --method cam
     python cli.py report
     python cli.py eval --pred DIR --gt DIR --out FILE.json
     python cli.py ui
     python cli.py bench scorecam | bench randomwalk
+    python cli.py bench dsrg
 
 Every command reads params.yaml (``--params`` to choose another file). Errors the user can fix
 print one line and exit with status 2.
@@ -269,6 +272,25 @@ def eval_seg(method: SegSource = typer.Option(...), params: Path = ParamsOpt):
     step.run(_step_params(params), method.value)
 
 
+@app.command("train-dsrg")
+@friendly
+def train_dsrg(method: Method = typer.Option(..., help="train from this method's seeds"), params: Path = ParamsOpt):
+    """DSRG: train the DeepLab network from a method's seeds with seeded region growing and the
+    CRF boundary loss, then retrain on its predictions (outputs/checkpoints/seg-dsrg-<method>.pt)."""
+    from wsss.steps import train_dsrg as step
+
+    step.run(_step_params(params), method.value)
+
+
+@app.command("eval-dsrg")
+@friendly
+def eval_dsrg(method: Method = typer.Option(...), params: Path = ParamsOpt):
+    """Segmentation mIoU on val_split of the DSRG-trained network (as eval-seg)."""
+    from wsss.steps import eval_dsrg as step
+
+    step.run(_step_params(params), method.value)
+
+
 @app.command("report")
 @friendly
 def report(params: Path = ParamsOpt):
@@ -401,6 +423,21 @@ def bench_randomwalk(sizes: str = typer.Option("64,96,128,256", help="square ima
     if out is not None:
         write_json(out, result)
     typer.echo(br.table(result))
+
+
+@bench_app.command("dsrg")
+@friendly
+def bench_dsrg(steps: int = typer.Option(10, help="timed steps of each"), batch: int = typer.Option(16),
+               size: int = typer.Option(96), workers: int = typer.Option(0, help="CRF pool (0 = all cores)"),
+               out: Optional[Path] = typer.Option(Path("outputs/bench/dsrg.json"))):
+    """A train-dsrg step (CRF + region growing in the loop) vs a plain train-seg step, as a ratio."""
+    from wsss import bench_dsrg
+    from wsss.io import write_json
+
+    result = bench_dsrg.run(steps=steps, batch=batch, size=size, workers=workers)
+    if out is not None:
+        write_json(out, result)
+    typer.echo(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
 
 
 @bench_app.command("train")

@@ -202,7 +202,7 @@ MICRO = {"synth_n_train": 4, "synth_n_val": 2, "synth_n_extra": 0, "synth_size":
 FLIPPED = {"seg_crf": True, "seg_init": "pretrained", "puzzle_init": "pretrained", "sipe_init": "pretrained",
            "recam_scorecam_mask": "online", "scorecam_variant": "study", "pseudo_masks": "irn"}
 #: commands whose reads do not depend on the method: run for one method only
-METHOD_BLIND = {"eval-seeds", "crf", "train-irn", "make-sem-seg", "train-seg", "eval-seg"}
+METHOD_BLIND = {"eval-seeds", "crf", "train-irn", "make-sem-seg", "train-seg", "eval-seg", "train-dsrg", "eval-dsrg"}
 
 
 def _params(variant: dict) -> RecordingParams:
@@ -232,8 +232,7 @@ def collect_reads(root: Path) -> dict[str, set[str]]:
     base = _params({})
     synth.generate(base.data_path(), base)
     order = ["train-cls", "train", "seeds", "eval-seeds", "crf", "train-irn", "make-sem-seg", "train-seg", "eval-seg",
-             "train-seg-gt",
-             "eval-seg-gt", "report"]
+             "train-dsrg", "eval-dsrg", "train-seg-gt", "eval-seg-gt", "report"]
     assert set(order) == set(members), "a stage was added or renamed: add it to this order"
     reads: dict[str, set[str]] = {name: set() for name in members}
     runner = CliRunner()

@@ -34,17 +34,21 @@ def test_report_table_from_metrics_files(tmp_path, monkeypatch):
                      if stage == "eval_seeds" else {})
             (tmp_path / "metrics" / stage / f"{m}.json").write_text(json.dumps({"miou": v, **extra}))
     (tmp_path / "metrics" / "eval_seg" / "gt.json").write_text(json.dumps({"miou": 0.6}))
+    (tmp_path / "metrics" / "eval_dsrg").mkdir()  # DSRG trained for recam-scorecam only
+    (tmp_path / "metrics" / "eval_dsrg" / "recam-scorecam.json").write_text(json.dumps({"miou": 0.31}))
     params = Params(methods={"cam": "cls", "recam-scorecam": "recam-scorecam"}, recam_scorecam_mask="online",
                     pseudo_masks="irn")
     result = report.run(params)
     text = (tmp_path / "report.md").read_text()
     # the three seed columns: shared threshold (29.0), oracle (34.0), official with its rule; both
     # pseudo-mask columns (CRF 33.0, IRN 31.0: 31 - 35 = -4.0 vs cam); the segmentation column
-    # names the masks it was trained on
+    # names the masks it was trained on; the DSRG segmentation (31.0) after it
     assert "| segmentation mIoU (on IRN masks) |" in text
-    assert "| recam-scorecam | 29.0 | +9.0 | 33.0 | +3.0 | 31.0 | -4.0 | 27.0 | +2.0 | 34.0 | 28.0 (threshold 0.21) |" in text
-    assert "| cam | 20.0 | - | 30.0 | - | 35.0 | - | 25.0 | - | 25.0 | 19.0 (threshold 0.15) |" in text
-    assert "| upper bound (seg on GT masks) | - | - | - | - | - | - | 60.0 | - | - | - |" in text
+    assert "| DSRG segmentation mIoU |" in text
+    assert ("| recam-scorecam | 29.0 | +9.0 | 33.0 | +3.0 | 31.0 | -4.0 | 27.0 | +2.0 | 31.0 | 34.0 "
+            "| 28.0 (threshold 0.21) |") in text
+    assert "| cam | 20.0 | - | 30.0 | - | 35.0 | - | 25.0 | - | - | 25.0 | 19.0 (threshold 0.15) |" in text
+    assert "| upper bound (seg on GT masks) | - | - | - | - | - | - | 60.0 | - | - | - | - |" in text
     # the regime block: IRN mask / seed = 0.35 / 0.20 = 1.75
     assert "| CAM IRN pseudo-mask / CAM seed | 1.75 | 1.38 (reported; 66.5 / 48.3) |" in text
     # which column the papers' figures correspond to
@@ -146,10 +150,10 @@ def test_spread_report_shows_means_deltas_and_no_empty_single_run_table(tmp_path
     agg = report.aggregate(per_seed)
     result = report.run(Params(methods={"cam": "cls", "gradcam": "cls"}), spread=agg)
     text = (tmp_path / "report.md").read_text()
-    # IRN column: gradcam (0.24, 0.26) -> 25.0 ± 1.0, cam's mean 29.0: delta -4.0
-    assert ("| gradcam | 17.0 ± 1.0 | 20.0 ± 1.0 | 25.0 ± 1.0 | 9.0 ± 1.0 | 18.0 ± 1.0 | 16.0 ± 1.0 (threshold 0.15) "
+    # IRN column: gradcam (0.24, 0.26) -> 25.0 ± 1.0, cam's mean 29.0: delta -4.0; no DSRG run: "-"
+    assert ("| gradcam | 17.0 ± 1.0 | 20.0 ± 1.0 | 25.0 ± 1.0 | 9.0 ± 1.0 | - | 18.0 ± 1.0 | 16.0 ± 1.0 (threshold 0.15) "
             "| -2.0 / -1.0 / -4.0 / -2.0 |") in text
-    assert ("| cam | 19.0 ± 1.0 | 21.0 ± 1.0 | 29.0 ± 1.0 | 11.0 ± 1.0 | 20.0 ± 1.0 | 22.0 ± 1.0 (threshold 0.15) "
+    assert ("| cam | 19.0 ± 1.0 | 21.0 ± 1.0 | 29.0 ± 1.0 | 11.0 ± 1.0 | - | 20.0 ± 1.0 | 22.0 ± 1.0 (threshold 0.15) "
             "| - / - / - / - |") in text
     assert "Δ vs cam | pseudo-mask" not in text  # no single-run table (its cells would be empty)
     assert result["rows"][0]["seed"] == pytest.approx(0.19)

@@ -186,6 +186,15 @@ class Params:
     seg_init: str = "cls"
     seg_val_every: int = 0  # quick val mIoU every N epochs during train-seg (0 = only after the last)
 
+    # DSRG (Huang et al. 2018): train-dsrg (same network and schedule as train-seg) and eval-dsrg
+    dsrg_fg_thres: float = 0.35  # seed: argmax class of the present CAMs where its CAM > this
+    dsrg_bg_thres: float = 0.10  # seed: background where every present CAM (or the saliency) < this
+    dsrg_saliency_dir: str = ""  # folder of <id>.png saliency maps for the background seeds; "" = none
+    dsrg_grow_fg: float = 0.85  # growing threshold of a class (official th2)
+    dsrg_grow_bg: float = 0.99  # growing threshold of background (official th1)
+    dsrg_grow_on: str = "crf"  # crf (official UpdateSeedLayer3) | softmax (the paper's H)
+    dsrg_rounds: int = 2  # 1: DSRG training; each further round retrains on the previous one's predictions
+
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
         """Check every value on construction (``Params(...)``, ``dataclasses.replace``): types
@@ -227,6 +236,7 @@ class Params:
         choice("cam_resize", ["bicubic", "bilinear"])
         choice("cam_norm", ["reference", "max", "minmax"])
         choice("pseudo_masks", ["crf", "irn"])
+        choice("dsrg_grow_on", ["crf", "softmax"])
         for key in ("seg_init", "puzzle_init", "sipe_init"):
             choice(key, ["pretrained", "cls"])
         if self.output_stride not in (8, 16, 32):
@@ -235,7 +245,7 @@ class Params:
                  "cls_batch_size", "cls_lr", "cls_crop", "cam_batch_size", "scorecam_chunk",
                  "recam_epochs", "recam_lr", "puzzle_epochs", "puzzle_lr", "sipe_epochs",
                  "sipe_lr", "seg_epochs", "seg_batch_size", "seg_lr", "seg_crop", "irn_epochs", "irn_lr",
-                 "irn_batch_size", "irn_crop", "irn_beta")
+                 "irn_batch_size", "irn_crop", "irn_beta", "dsrg_rounds")
         for k in ("irn_radius", "irn_walk_radius"):
             if getattr(self, k) < 2:
                 raise bad(k, f"must be >= 2 (got {getattr(self, k)}): radius 1 has no pixel pairs")
@@ -269,6 +279,9 @@ class Params:
                                          "set puzzle_nesterov: false or a positive puzzle_momentum")
         unit("synth_body_tint", "synth_cooccur", "synth_context", "synth_occlusion", "threshold", "conf_fg", "conf_bg",
              "sem_seg_bg_thres")
+        unit("dsrg_fg_thres", "dsrg_bg_thres", "dsrg_grow_fg", "dsrg_grow_bg")
+        if self.dsrg_bg_thres > self.dsrg_fg_thres:
+            raise bad("dsrg_bg_thres", f"must be <= dsrg_fg_thres ({self.dsrg_bg_thres} > {self.dsrg_fg_thres})")
         if self.conf_bg > self.conf_fg:
             raise bad("conf_bg", f"must be <= conf_fg ({self.conf_bg} > {self.conf_fg})")
         _validate_methods(self.methods, bad)

@@ -166,17 +166,18 @@ def build_deeplab(params) -> DeepLab:
     return DeepLab(params.seg_backbone, params.output_stride, params.pretrained, decoder=params.seg_decoder)
 
 
-def load_deeplab(path: str | Path, device: torch.device | str = "cpu") -> tuple[DeepLab, dict]:
-    """Load a ``seg-<method>.pt`` checkpoint; returns the model (eval mode) and the dict."""
+def load_deeplab(path: str | Path, device: torch.device | str = "cpu",
+                 trainer: str | None = None) -> tuple[DeepLab, dict]:
+    """Load a ``seg-<method>.pt`` checkpoint; returns the model (eval mode) and the dict.
+    ``trainer``: the command that makes it, named in errors (default: train-seg's)."""
     path = Path(path)
     method = path.stem[4:] if path.stem.startswith("seg-") else "<method>"
-    ckpt = load_torch(path, "segmentation checkpoint", f"run `python cli.py train-seg --method {method}`"
-                      + (" first" if not path.is_file() else " again"))
+    trainer = trainer or f"python cli.py train-seg --method {method}"
+    ckpt = load_torch(path, "segmentation checkpoint", f"run `{trainer}`" + (" first" if not path.is_file() else " again"))
     try:
         spec = ckpt["spec"]
         if spec.get("kind") != "deeplab":
-            raise UserError(f"{path}: is not a segmentation (deeplab) checkpoint; "
-                            f"rerun `python cli.py train-seg --method {method}`")
+            raise UserError(f"{path}: is not a segmentation (deeplab) checkpoint; rerun `{trainer}`")
         model = DeepLab(spec["backbone"], spec["output_stride"], "none", spec["num_classes"],
                         spec.get("decoder", "none"))
         model.load_state_dict(ckpt["model"])
@@ -184,7 +185,7 @@ def load_deeplab(path: str | Path, device: torch.device | str = "cpu") -> tuple[
         raise
     except Exception as e:
         raise UserError(f"{path}: not a valid segmentation checkpoint ({type(e).__name__}); delete it and "
-                        f"rerun `python cli.py train-seg --method {method}`") from None
+                        f"rerun `{trainer}`") from None
     return model.to(device).eval(), ckpt
 
 

@@ -45,6 +45,15 @@ def _crf_job(job: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
 
 def run(params: Params, method: str) -> dict:
     methods.get(method, allow_gt=True)
+    return evaluate(params, method, f"seg-{method}", method, out_dir("metrics", "eval_seg", f"{method}.json"),
+                    "eval-seg", f"python cli.py train-seg --method {method}")
+
+
+def evaluate(params: Params, method: str, checkpoint: str, predictions: str, metrics_path, step: str,
+             trainer: str) -> dict:
+    """Score ``outputs/checkpoints/<checkpoint>.pt`` on ``val_split``: label maps to
+    ``outputs/predictions/<predictions>/``, scores to ``metrics_path``, MLflow run ``step``;
+    ``trainer`` is the command that makes the checkpoint (named when it is missing)."""
     seed_everything(params.seed, params.threads)
     val = open_split(params, params.val_split)
     if not val.ids:
@@ -58,15 +67,15 @@ def run(params: Params, method: str) -> dict:
     pool = (pool_context().Pool(workers, initializer=_init_crf, initargs=(params,))
             if workers > 1 else nullcontext())
     with pool:
-        model, _ = load_deeplab(checkpoint_path(f"seg-{method}"), device)
+        model, _ = load_deeplab(checkpoint_path(checkpoint), device, trainer)
         _init_crf(params)
         cm = ConfusionMatrix(NUM_LABELS)
         samples = []
         my_ids = distributed.shard(val.ids)  # under torchrun: this rank's share; rank 0 sums
         bar = tqdm(total=len(my_ids), desc=f"eval-seg {method}", dynamic_ncols=True, disable=not distributed.is_main())
         chunk = max(8, 4 * workers)
-        with step_run("eval-seg", params, method=method) as tracker:
-            with distributed.atomic_dir_all_ranks(out_dir("predictions", method)) as tmp:
+        with step_run(step, params, method=method) as tracker:
+            with distributed.atomic_dir_all_ranks(out_dir("predictions", predictions)) as tmp:
                 for start in range(0, len(my_ids), chunk):
                     ids = my_ids[start:start + chunk]
                     images = [val.image(i) for i in ids]
@@ -90,17 +99,17 @@ def run(params: Params, method: str) -> dict:
                 return {}
             metrics = {"method": method, "n_images": len(val.ids), "crf": bool(params.seg_crf),
                        **cm.scores(LABEL_NAMES)}
-            write_json(out_dir("metrics", "eval_seg", f"{method}.json"), metrics)
+            write_json(metrics_path, metrics)
             if tracker.active:
                 from ..overlays import iou_bar_chart, overlay, panel
 
                 tracker.log_metrics({k: v for k, v in metrics.items()
                                      if isinstance(v, (int, float)) and not isinstance(v, bool)})
-                tracker.log_figure(iou_bar_chart(metrics["per_class_iou"], f"eval-seg ({method})"),
+                tracker.log_figure(iou_bar_chart(metrics["per_class_iou"], f"{step} ({method})"),
                                    "charts/per_class_iou.png")
                 rows = [[im, overlay(im, gt), overlay(im, pred)] for im, gt, pred in samples]
                 tracker.log_image(panel(rows, ["image", "ground truth", "prediction"]),
                                   "overlays/eval_samples.png")
-    summary("eval-seg", f"{method}: mIoU {metrics['miou']:.3f} on {len(val.ids)} {params.val_split} images"
-                        f"{' (CRF)' if params.seg_crf else ''} -> {out_dir('predictions', method)}")
+    summary(step, f"{method}: mIoU {metrics['miou']:.3f} on {len(val.ids)} {params.val_split} images"
+                  f"{' (CRF)' if params.seg_crf else ''} -> {out_dir('predictions', predictions)}")
     return metrics

@@ -34,7 +34,11 @@ ORACLE = "seed_best"
 #: IRN's threshold 0.15, ReCAM's 0.21, Puzzle-CAM's best of 0.05-0.75, SIPE's argmax over its
 #: own background map; see wsss.methods.Scoring).
 OFFICIAL = "seed_official"
-SPREAD_KEYS = tuple(k for k, _ in STAGES) + (ORACLE, OFFICIAL)
+#: Other ways to train the segmentation network from a method's seeds, each one column beside the
+#: CRF-mask segmentation ("seg"): row key, metrics folder (outputs/metrics/<folder>/<method>.json,
+#: its ``miou``) and column header. One entry per trainer (IRN's random-walk masks go here too).
+SEG_TRAINERS = (("dsrg", "eval_dsrg", "DSRG segmentation mIoU"),)
+SPREAD_KEYS = tuple(k for k, _ in STAGES) + (ORACLE, OFFICIAL) + tuple(k for k, _, _ in SEG_TRAINERS)
 #: Where the seeds land, per method (eval_seeds/<method>.json on the synthetic world; see
 #: wsss.regime), plus ``part_body`` = part_recall / body_recall. Aggregated by ``spread`` too.
 ROLE_KEYS = ("part_recall", "body_recall", "part_body", "cooccur_fp", "context_fp")
@@ -90,11 +94,13 @@ def collect(methods: list[str], read=_read) -> list[dict]:
         roles = {k: seed_scores.get(k) for k in ROLE_KEYS}
         roles["part_body"] = _ratio(seed_scores.get("part_recall"), seed_scores.get("body_recall"))
         rows.append({"method": m, **{k: v.get("miou") for k, v in scores.items()},
+                     **{k: read(d, f"{m}.json").get("miou") for k, d, _ in SEG_TRAINERS},
                      ORACLE: seed_scores.get("best_miou"), OFFICIAL: seed_scores.get("official_miou"), **roles})
     gt = read("eval_seg", "gt.json").get("miou")
     if gt is not None:
         rows.append({"method": "upper bound (seg on GT masks)", "seed": None, "mask": None, "irn": None, "seg": gt,
-                     ORACLE: None, OFFICIAL: None, **dict.fromkeys(ROLE_KEYS)})
+                     ORACLE: None, OFFICIAL: None, **dict.fromkeys(k for k, _, _ in SEG_TRAINERS),
+                     **dict.fromkeys(ROLE_KEYS)})
     return rows
 
 
@@ -144,12 +150,14 @@ def _single_table(rows: list[dict], seg_masks: str = "crf") -> list[str]:
     base = next((r for r in rows if r["method"] == "cam"), {})
     lines = ["| method | seed mIoU | Δ vs cam | pseudo-mask mIoU (CRF) | Δ vs cam | pseudo-mask mIoU (IRN) | Δ vs cam "
              f"| segmentation mIoU (on {seg_masks.upper()} masks) | Δ vs cam "
-             "| seed mIoU, oracle threshold | seed mIoU, official scoring |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             + "".join(f"| {h} " for _, _, h in SEG_TRAINERS)
+             + "| seed mIoU, oracle threshold | seed mIoU, official scoring |",
+             "|---|---|---|---|---|---|---|---|---|" + "---|" * len(SEG_TRAINERS) + "---|---|"]
     for r in rows:
         cells = [r["method"]]
         for k, _ in STAGES:
             cells += [_cell("pct", r.get(k)), _delta(r["method"], r.get(k), base.get(k))]
+        cells += [_cell("pct", r.get(k)) for k, _, _ in SEG_TRAINERS]
         cells += [_cell("pct", r.get(ORACLE)), _official_cell(r["method"], r.get(OFFICIAL))]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -181,12 +189,16 @@ def scoring_notes(names: list[str]) -> list[str]:
 def _spread_table(spread: dict, seg_masks: str = "crf") -> list[str]:
     cam = spread["methods"].get("cam", {})
     lines = ["| method | seed mIoU | pseudo-mask mIoU (CRF) | pseudo-mask mIoU (IRN) "
-             f"| segmentation mIoU (on {seg_masks.upper()} masks) | seed mIoU, oracle threshold "
-             "| seed mIoU, official scoring | Δ vs cam (seed / CRF mask / IRN mask / seg, of the means) |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"| segmentation mIoU (on {seg_masks.upper()} masks) "
+             + "".join(f"| {h} " for _, _, h in SEG_TRAINERS)
+             + "| seed mIoU, oracle threshold | seed mIoU, official scoring "
+             "| Δ vs cam (seed / CRF mask / IRN mask / seg, of the means) |",
+             "|---|---|---|---|---|" + "---|" * len(SEG_TRAINERS) + "---|---|---|"]
     for m, st in spread["methods"].items():
         deltas = [_delta(m, st.get(k, (None,))[0], cam.get(k, (None,))[0]) for k, _ in STAGES]
-        cells = [_cell("pct", *st.get(k, (None, None))) for k in SPREAD_KEYS if k != OFFICIAL]
+        cells = [_cell("pct", *st.get(k, (None, None))) for k, _ in STAGES]
+        cells += [_cell("pct", *st.get(k, (None, None))) for k, _, _ in SEG_TRAINERS]
+        cells.append(_cell("pct", *st.get(ORACLE, (None, None))))
         cells.append(_official_cell(m, *st.get(OFFICIAL, (None, None))))
         lines.append(f"| {m} | " + " | ".join(cells) + " | " + " / ".join(deltas) + " |")
     return lines
