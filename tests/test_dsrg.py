@@ -203,3 +203,22 @@ def test_missing_seeds_is_one_error_line(tmp_path, monkeypatch):
     write_params(root, seg_batch_size=1)
     res = invoke(root, "train-dsrg", "--method", "cam")
     assert_one_error(res, "seeds/cam/a.npz", "seed file missing", "python cli.py seeds --method cam")
+
+
+def test_crf_refine_scales_the_kernels_of_the_params_it_is_given():
+    """crf_refine caches the scaled CRF params: a second Params with other kernels must not get
+    the first one's (reference: dense_crf on a Params built by hand with the scaled sxy)."""
+    import dataclasses
+
+    from wsss.config import Params
+    from wsss.crf import dense_crf
+    from wsss.dsrg import MIN_PROB, crf_refine
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)
+    probs = np.ascontiguousarray(rng.dirichlet(np.ones(21), size=(10, 12)).transpose(2, 0, 1).astype(np.float32))
+    for sxy in (3.0, 40.0):  # same scale, two Params: the cache must tell them apart
+        params = Params(crf_gauss_sxy=sxy, crf_bilateral_sxy=sxy * 2, crf_iters=3, threads=1)
+        by_hand = dataclasses.replace(params, crf_gauss_sxy=sxy * 0.25, crf_bilateral_sxy=sxy * 2 * 0.25)
+        q = np.maximum(dense_crf(image, probs, by_hand), MIN_PROB)
+        np.testing.assert_allclose(crf_refine(image, probs, params, 0.25), q / q.sum(0, keepdims=True), atol=1e-6)

@@ -70,7 +70,7 @@ from ..trainer import LoopSpec, fingerprint, spec_schedule, train_loop
 from ..voc import NUM_LABELS, PALETTE, VOID
 from .common import checkpoint_path, open_split, out_dir, read_seed, summary
 from .crf import pool_context, resolve_workers, seed_path
-from .train_seg import TRAINING_KEYS, init_from_classifier, quick_val_miou, validation_epochs
+from .train_seg import TRAINING_KEYS, init_from_classifier, pixel_ce_step, quick_val_miou, validation_epochs
 
 DSRG_KEYS = ("dsrg_fg_thres", "dsrg_bg_thres", "dsrg_saliency_dir", "dsrg_grow_fg", "dsrg_grow_bg", "dsrg_grow_on",
              "seg_init")
@@ -279,12 +279,9 @@ def dsrg_step(pool, curve: GrowthCurve, steps_per_epoch: int):
     return step_fn
 
 
-def ce_step(m, batch, step):
-    """Rounds 2..: pixel-wise cross-entropy on the previous round's predictions."""
-    x, y = batch
-    logits = m(x)
-    loss = F.cross_entropy(logits, y, ignore_index=VOID) if bool((y != VOID).any()) else logits.sum() * 0.0
-    return loss, {"loss": loss.item()}
+#: Rounds 2..: pixel-wise cross-entropy on the previous round's predictions, normalised by the
+#: labelled pixels of the whole batch under DDP as train-seg's
+ce_step = pixel_ce_step
 
 
 @torch.no_grad()

@@ -93,6 +93,24 @@ def pseudo_mask_dir(params: Params, method: str):
     return out_dir("pseudo_masks" if params.pseudo_masks == "crf" else "irn_masks", method)
 
 
+def pixel_ce_step(m, batch, step):
+    """One step of pixel-wise cross-entropy over the labelled pixels of ``batch = (x, y)``
+    (255 ignored), averaged over the labelled pixels of the whole batch, every rank's under DDP."""
+    x, y = batch
+    logits = m(x)
+    if distributed.world_size() > 1:
+        # each rank holds part of the batch: normalise by the whole batch's labelled pixels
+        # (their mean per rank, as DDP averages the gradients), so that 2 x B/2 computes the
+        # loss of 1 x B, not a mean of two differently weighted means
+        labelled = distributed.sum_all_ranks(float((y != VOID).sum())) / distributed.world_size()
+        loss = F.cross_entropy(logits, y, ignore_index=VOID, reduction="sum") / max(labelled, 1.0)
+    elif bool((y != VOID).any()):
+        loss = F.cross_entropy(logits, y, ignore_index=VOID)
+    else:  # a batch of crops with no labelled pixel: no gradient, but no NaN either
+        loss = logits.sum() * 0.0
+    return loss, {"loss": loss.item()}
+
+
 def run(params: Params, method: str) -> dict:
     methods.get(method, allow_gt=True)  # one clear error for an unknown method
     seed_everything(params.seed, params.threads)
@@ -130,23 +148,8 @@ def run(params: Params, method: str) -> dict:
 
     val_epochs = validation_epochs(params, len(data))
 
-    def step_fn(m, batch, step):
-        x, y = batch
-        logits = m(x)
-        if distributed.world_size() > 1:
-            # each rank holds part of the batch: normalise by the whole batch's labelled pixels
-            # (their mean per rank, as DDP averages the gradients), so that 2 x B/2 computes the
-            # loss of 1 x B, not a mean of two differently weighted means
-            labelled = distributed.sum_all_ranks(float((y != VOID).sum())) / distributed.world_size()
-            loss = F.cross_entropy(logits, y, ignore_index=VOID, reduction="sum") / max(labelled, 1.0)
-        elif bool((y != VOID).any()):
-            loss = F.cross_entropy(logits, y, ignore_index=VOID)
-        else:  # a batch of crops with no labelled pixel: no gradient, but no NaN either
-            loss = logits.sum() * 0.0
-        return loss, {"loss": loss.item()}
-
     with step_run("train-seg", params, method=method) as tracker:
-        logs = train_loop(spec, model, data, step_fn, out_dir("checkpoints"), device, tracker, params.seed,
+        logs = train_loop(spec, model, data, pixel_ce_step, out_dir("checkpoints"), device, tracker, params.seed,
                           new_prefixes=("head",),
                           epoch_end=lambda m, e: quick_val_miou(m, val, device) if e in val_epochs else {})
         metrics = {"method": method, "loss": logs.get("loss", float("nan")),
