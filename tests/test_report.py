@@ -216,3 +216,21 @@ def test_regime_block_with_missing_files_shows_dashes_and_no_role_table(tmp_path
     assert "| CAM pseudo-mask / CAM seed | - | 1.38 (reported; 66.5 / 48.3) |" in text
     assert "part recall" not in text
     assert result["regime"]["val_map"] is None
+
+
+def test_bar_chart_has_a_bar_per_stage_and_per_seg_trainer(tmp_path, monkeypatch):
+    """Each method gets the seed, CRF, IRN and segmentation bars and the DSRG one, at its value
+    in % (a missing value draws 0, not someone else's)."""
+    import matplotlib.axes
+
+    drawn = {}
+
+    def record(self, x, height, width, **kw):
+        drawn[kw["label"]] = [round(float(h), 6) for h in height]
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", record)
+    rows = [{"method": "cam", "seed": 0.44, "mask": 0.60, "irn": 0.46, "seg": 0.53, "dsrg": 0.41},
+            {"method": "sipe", "seed": 0.21, "mask": 0.31, "irn": None, "seg": 0.20, "dsrg": 0.25}]
+    report.bar_chart(rows, tmp_path / "r.png")
+    assert drawn == {"seed": [44.0, 21.0], "pseudo-mask (CRF)": [60.0, 31.0], "pseudo-mask (IRN)": [46.0, 0.0],
+                     "segmentation": [53.0, 20.0], "segmentation (DSRG)": [41.0, 25.0]}

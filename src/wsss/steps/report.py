@@ -277,21 +277,22 @@ def spread_rows(spread: dict) -> list[dict]:
 
 
 def bar_chart(rows: list[dict], path: Path, spread: dict | None = None) -> None:
-    """Grouped bars per method (seed, pseudo-mask, segmentation); with a spread, the means
-    with ± std error bars."""
+    """Grouped bars per method (seed, CRF and IRN pseudo-masks, segmentation, then one bar per
+    entry of :data:`SEG_TRAINERS`); with a spread, the means with ± std error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 3.8))
-    width = 0.8 / len(STAGES)
+    bars = [(k, LABELS[k]) for k, _ in STAGES] + [(k, f"segmentation ({k.upper()})") for k, _, _ in SEG_TRAINERS]
+    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(rows)), 3.8))
+    width = 0.8 / len(bars)
     x = np.arange(len(rows))
-    for i, (k, _) in enumerate(STAGES):
+    for i, (k, label) in enumerate(bars):
         vals = [100 * r[k] if r.get(k) is not None else 0 for r in rows]
-        err = ([100 * spread["methods"][r["method"]].get(k, (0, 0))[1] for r in rows] if spread else None)
-        ax.bar(x + (i - (len(STAGES) - 1) / 2) * width, vals, width, yerr=err, capsize=2 if spread else 0,
-               label=LABELS[k])
+        err = ([100 * spread["methods"].get(r["method"], {}).get(k, (0, 0))[1] for r in rows] if spread else None)
+        ax.bar(x + (i - (len(bars) - 1) / 2) * width, vals, width, yerr=err, capsize=2 if spread else 0,
+               label=label)
     ax.set_xticks(x, [r["method"].replace(" (seg on GT masks)", "\n(GT masks)") for r in rows], rotation=30, ha="right")
     ax.set_ylabel("mIoU (%)")
     ax.legend()
