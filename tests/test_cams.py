@@ -184,19 +184,49 @@ def test_gradcampp_author_alpha_normalisation_by_hand():
 # ---------------------------------------------------------------------- Score-CAM
 @pytest.mark.parametrize("baseline", [True, False])
 @pytest.mark.parametrize("score", ["sigmoid", "logit"])
-def test_scorecam_fast_equals_reference(baseline, score):
+@pytest.mark.parametrize("weights", ["softmax", "linear"])
+def test_scorecam_fast_equals_reference(baseline, score, weights):
     net = with_constant_channel(TinyNet(seed=3), 2)
     x = rand_x(1, 20, 24)
     classes = torch.tensor([4, 0, 11])
     A = net.features(x)
     assert A[0, 2].max() == A[0, 2].min()  # the forced constant channel
-    fast = ScoreCAM(net, params(), chunk=3, baseline=baseline, score=score).maps(x, classes)
-    ref = ScoreCAMReference(net, params(), baseline=baseline, score=score).maps(x, classes)
+    fast = ScoreCAM(net, params(), chunk=3, baseline=baseline, score=score, weights=weights).maps(x, classes)
+    ref = ScoreCAMReference(net, params(), baseline=baseline, score=score, weights=weights).maps(x, classes)
     assert fast.shape == (3, *A.shape[-2:])
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
     # the constant channel is skipped: weight 0
     S = scorecam_scores(net, x, A, classes, chunk=3, score=score)
     assert torch.isneginf(S[2]).all() and torch.isfinite(S[[0, 1, 3]]).all()
+
+
+def test_scorecam_linear_weights_as_the_authors_loop():
+    """``weights='linear'``: the loop of the authors' code (haofanwang/Score-CAM) written out
+    here: for each non-constant channel, the class score of the image masked by its min-max
+    normalised upsampled map, times the channel map, summed, ReLU (at feature resolution,
+    where this module combines). With the baseline the score is the increase over the mean
+    image, which does change linear maps (it cannot change softmax ones)."""
+    net = with_constant_channel(TinyNet(seed=3), 2)
+    x = rand_x(1, 20, 24)
+    c = 4
+    with torch.no_grad():
+        A = net.features(x)[0]
+        f0 = torch.sigmoid(net(torch.zeros_like(x))[0, c])
+        plain, increase = torch.zeros_like(A[0]), torch.zeros_like(A[0])
+        for k in range(A.shape[0]):
+            if A[k].max() == A[k].min():
+                continue
+            up = F.interpolate(A[k][None, None], size=x.shape[-2:], mode="bilinear", align_corners=False)
+            f = torch.sigmoid(net(x * (up - up.min()) / (up.max() - up.min()))[0, c])
+            plain += f * A[k]
+            increase += (f - f0) * A[k]
+    got = ScoreCAM(net, params(), baseline=False, weights="linear").maps(x, torch.tensor([c]))[0]
+    torch.testing.assert_close(got, F.relu(plain), rtol=1e-4, atol=1e-5)
+    got_b = ScoreCAM(net, params(), baseline=True, weights="linear").maps(x, torch.tensor([c]))[0]
+    torch.testing.assert_close(got_b, F.relu(increase), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, got_b, atol=1e-3)
+    with pytest.raises(ValueError, match="weights"):
+        ScoreCAM(net, params(), weights="sum")
 
 
 def test_scorecam_one_pass_all_classes_chunked():

@@ -41,7 +41,7 @@ def test_params_are_frozen_and_checked_on_replace():
     p = Params()
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.threshold = 0.5  # type: ignore[misc]
-    for key, bad in [("threshold", 1.5), ("cls_epochs", 0), ("scorecam_score", "softmax"),
+    for key, bad in [("threshold", 1.5), ("cls_epochs", 0), ("scorecam_score", "softmax"), ("scorecam_weights", "sum"),
                      ("seg_weight_decay", -1.0), ("cam_flip", "yes"), ("cam_scales", [])]:
         with pytest.raises(UserError) as e:
             dataclasses.replace(p, **{key: bad})

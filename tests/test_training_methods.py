@@ -441,11 +441,12 @@ def test_train_recam_scorecam_online_batch3_odd_crop(params, tmp_path):
     assert model.recam_predictor is not None
 
 
-def test_recam_online_masks_use_scorecam_score(monkeypatch):
-    """recam_scorecam_mask: online scores the channels with ``scorecam_score``, as the seeds of
-    method scorecam do: the masks the step hands to L_sce are those of ``scorecam_batch`` with
-    that score (computed here on a twin of the model, in the step's order: the training forward
-    first, then the Score-CAM in eval mode), and the two scores give clearly different masks."""
+def test_recam_online_masks_use_scorecam_score_and_weights(monkeypatch):
+    """recam_scorecam_mask: online scores the channels with ``scorecam_score`` and weighs them
+    with ``scorecam_weights``, as the seeds of method scorecam do: the masks the step hands to
+    L_sce are those of ``scorecam_batch`` with those options (computed here on a twin of the
+    model, in the step's order: the training forward first, then the Score-CAM in eval mode),
+    and each option gives clearly different masks."""
     from wsss.cams.scorecam import scorecam_batch
 
     seen = []
@@ -459,15 +460,17 @@ def test_recam_online_masks_use_scorecam_score(monkeypatch):
     y = torch.zeros(2, 20)
     y[0, 2] = y[1, 5] = y[1, 9] = 1
     expected = {}
-    for score in ("sigmoid", "logit"):
-        p = Params(scorecam_score=score, scorecam_chunk=512)
+    for score, weights in (("sigmoid", "softmax"), ("logit", "softmax"), ("sigmoid", "linear")):
+        p = Params(scorecam_score=score, scorecam_weights=weights, scorecam_chunk=512)
         train_recam.make_step_fn(p, "scorecam", "online")(copy.deepcopy(model), (x, y, torch.arange(2)), 0)
         twin = copy.deepcopy(model)
         feats = twin.features(x)
-        raw = scorecam_batch(twin, x, y, chunk=512, baseline=p.scorecam_baseline, score=score)
-        expected[score] = train_recam.pool_masks(raw, feats.shape[-2:])
-        assert torch.allclose(seen[-1], expected[score], atol=1e-5), score
-    assert (expected["sigmoid"] - expected["logit"]).abs().max() > 0.05
+        raw = scorecam_batch(twin, x, y, chunk=512, baseline=p.scorecam_baseline, score=score, weights=weights)
+        expected[score, weights] = train_recam.pool_masks(raw, feats.shape[-2:])
+        assert torch.allclose(seen[-1], expected[score, weights], atol=1e-5), (score, weights)
+    base = expected["sigmoid", "softmax"]
+    assert (base - expected["logit", "softmax"]).abs().max() > 0.05
+    assert (base - expected["sigmoid", "linear"]).abs().max() > 0.05
 
 
 def test_recam_online_study_step():

@@ -112,6 +112,7 @@ class Params:
     scorecam_variant: str = "correct"  # correct | study
     scorecam_baseline: bool = True
     scorecam_score: str = "sigmoid"  # sigmoid | logit: f_c in Score-CAM's channel scores
+    scorecam_weights: str = "softmax"  # softmax (the paper) | linear (the authors' code): channel weights
     scorecam_scales: list[float] = field(default_factory=lambda: [1.0])  # one forward per channel per pass
     scorecam_flip: bool = False
     threshold: float = 0.21
@@ -231,6 +232,7 @@ class Params:
         choice("seg_decoder", ["none", "v3plus"])
         choice("scorecam_variant", ["correct", "study"])
         choice("scorecam_score", ["sigmoid", "logit"])
+        choice("scorecam_weights", ["softmax", "linear"])
         choice("recam_scorecam_mask", ["seeds", "online"])
         choice("freeze_stem_bn", ["trained", "always", "never"])
         choice("cam_resize", ["bicubic", "bilinear"])

@@ -6,7 +6,7 @@ normalised image X (3, H, W):
 
     H_k   = s(up(A_k)),  s(M) = (M - min M) / (max M - min M)     (mask of channel k at input size)
     S_ck  = f_c(X * H_k) - f_c(X_b)                                ("increase of confidence")
-    a_c   = softmax_k(S_ck)
+    a_c   = softmax_k(S_ck)          (``weights='softmax'``, the paper's Eq.)
     M_c   = ReLU( sum_k a_ck A_k )
 
 ``up`` is bilinear with ``align_corners=False``. X_b is the all-zero normalised image,
@@ -23,6 +23,18 @@ paper's softmax probability. ``score='logit'`` uses the raw logit y_c, as the
 ``grad-cam`` package (pytorch-grad-cam, ``ClassifierOutputTarget``) does. Note that with
 sigmoid scores in [0, 1] (differences in [-1, 1]) the softmax over channels is close to
 uniform (weights within a factor e^2 of each other); the logit gives sharper weights.
+
+Channel weights. ``weights='softmax'`` (default) is the paper's: a softmax over the channels
+of the increases of confidence. ``weights='linear'`` is what the authors' released code does
+(haofanwang/Score-CAM, cam/scorecam.py, the loop over channels: ``score * saliency_map``
+summed): the score itself is the weight, a_ck = S_ck, with no softmax over channels. There
+f_c is the softmax probability over the classes of the masked image and nothing is
+subtracted; here f_c is ``score`` (sigmoid for the multi-label classifier) and the baseline
+follows ``baseline`` (set ``baseline=False`` for the authors' code; with linear weights the
+baseline does change the maps). The authors sum the *upsampled* maps then apply ReLU; this
+module applies ReLU at feature resolution and the base class upsamples after (the same as
+for the softmax weights; bilinear upsampling and the weighted sum commute, ReLU and the
+upsampling do not, exactly, at the edges of the positive region).
 
 Constant channels. Where A_k is constant (max == min, e.g. a dead ReLU channel) the mask
 s(up(A_k)) is 0/0, undefined. Such channels are skipped: S_ck = -inf, so a_ck = 0 (the
@@ -82,11 +94,14 @@ from .base import CAMMethod
 
 SCORES = ("sigmoid", "logit")
 VARIANTS = ("correct", "study")
+WEIGHTS = ("softmax", "linear")
 
 
-def _check_score(score: str) -> None:
+def _check_score(score: str, weights: str = "softmax") -> None:
     if score not in SCORES:
         raise ValueError(f"score must be one of {', '.join(SCORES)} (got {score!r})")
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)} (got {weights!r})")
 
 
 def _score(logits: torch.Tensor, score: str) -> torch.Tensor:
@@ -124,11 +139,19 @@ def _non_constant(A1: torch.Tensor) -> torch.Tensor:
     return (flat.amax(1) > flat.amin(1)).nonzero().flatten()
 
 
-def _combine(A1: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """ReLU(sum_k softmax_k(scores)_kc A_k): (C, h, w), (C, n) -> (n, h, w)."""
+def channel_weights(scores: torch.Tensor, weights: str = "softmax") -> torch.Tensor:
+    """a (C, n) from the channel scores S (C, n), -inf on constant channels: softmax_k(S) (the
+    paper) or S itself (``linear``, the authors' code), 0 on constant channels either way."""
+    if weights == "linear":
+        return torch.where(torch.isfinite(scores), scores, torch.zeros_like(scores))
+    return torch.softmax(scores, dim=0)
+
+
+def _combine(A1: torch.Tensor, scores: torch.Tensor, weights: str = "softmax") -> torch.Tensor:
+    """ReLU(sum_k a_kc A_k), a = :func:`channel_weights`: (C, h, w), (C, n) -> (n, h, w)."""
     if not torch.isfinite(scores).any():  # every channel constant: nothing to weight
         return A1.new_zeros((scores.shape[1], *A1.shape[1:]), dtype=torch.float32)
-    w = torch.softmax(scores, dim=0)
+    w = channel_weights(scores, weights)
     return F.relu(torch.einsum("kn,khw->nhw", w, A1.float()))
 
 
@@ -167,12 +190,12 @@ class ScoreCAM(CAMMethod):
         H_k = minmax(up(A_k)),   S_ck = f_c(X * H_k) - f_c(X_b),
         a_c = softmax_k(S_c),    M_c = ReLU( sum_k a_ck A_k )
 
-    f_c = sigmoid(y_c) (``score='sigmoid'``, multi-label) or y_c (``score='logit'``);
+    (``weights='linear'``: a_ck = S_ck, the authors' code.) f_c = sigmoid(y_c) (``score='sigmoid'``, multi-label) or y_c (``score='logit'``);
     X_b the zero (mean) image when ``baseline`` (else nothing is subtracted); constant
     channels get a_ck = 0. See the module docstring for details and the 'study' variant.
 
-    Options default to ``params.scorecam_chunk``, ``params.scorecam_baseline`` and
-    ``params.scorecam_variant``. ``channels_last`` runs the masked batches and the model's
+    Options default to ``params.scorecam_chunk``, ``params.scorecam_baseline``,
+    ``params.scorecam_score``, ``params.scorecam_weights`` and ``params.scorecam_variant``. ``channels_last`` runs the masked batches and the model's
     weights (converted in place) in channels_last memory format, on any device (same values);
     ``cuda_autocast`` runs the forwards under autocast on CUDA (no effect on CPU).
     """
@@ -183,11 +206,13 @@ class ScoreCAM(CAMMethod):
 
     def __init__(self, model: nn.Module, params: Params | None = None, *,
                  chunk: int | None = None, baseline: bool | None = None, score: str | None = None,
-                 variant: str | None = None, channels_last: bool = True, cuda_autocast: bool | None = None,
+                 weights: str | None = None, variant: str | None = None, channels_last: bool = True, cuda_autocast: bool | None = None,
                  target_layer: str | nn.Module | None = None, device: torch.device | str | None = None):
         super().__init__(model, params, target_layer=target_layer, device=device)
         score = score if score is not None else self.params.scorecam_score
-        _check_score(score)
+        weights = weights if weights is not None else self.params.scorecam_weights
+        _check_score(score, weights)
+        self.weights = weights
         self.chunk = int(chunk if chunk is not None else self.params.scorecam_chunk)
         self.baseline = bool(self.params.scorecam_baseline if baseline is None else baseline)
         self.score = score
@@ -225,7 +250,7 @@ class ScoreCAM(CAMMethod):
             S = scorecam_scores(self.model, xb, A[b:b + 1], c, self.chunk,
                                 self._baseline_scores(xb, c), self.score, self.channels_last,
                                 self.cuda_autocast)
-            out.append(_combine(A[b], S))
+            out.append(_combine(A[b], S, self.weights))
         return out
 
 
@@ -259,7 +284,7 @@ class ScoreCAMReference(ScoreCAM):
             if torch.isinf(s).all():
                 maps.append(torch.zeros_like(A[0]))
                 continue
-            a = torch.softmax(s, dim=0)
+            a = torch.softmax(s, dim=0) if self.weights == "softmax" else torch.where(torch.isinf(s), 0.0, s)
             maps.append(torch.relu((a[:, None, None] * A).sum(0)))
         return torch.stack(maps) if maps else A.new_zeros((0, *A.shape[1:]))
 
@@ -281,7 +306,7 @@ def _eval_mode(model: nn.Module):
 
 def scorecam_batch(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, chunk: int = 64,
                    baseline: bool = True, score: str = "sigmoid", channels_last: bool = True,
-                   cuda_autocast: bool = True) -> torch.Tensor:
+                   cuda_autocast: bool = True, weights: str = "softmax") -> torch.Tensor:
     """Correct Score-CAMs (B, K, h, w) of a batch, per image, for its present classes.
 
     ``x`` (B,3,H,W) normalised (any B, any crop size); ``labels`` (B,K) multi-hot. For each
@@ -290,7 +315,7 @@ def scorecam_batch(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, chun
     resolution, float32, computed without grad (a plain tensor, usable as a mask in a
     training step). The model is run in eval mode and its mode restored afterwards.
     """
-    _check_score(score)
+    _check_score(score, weights)
     with torch.no_grad(), _eval_mode(model):
         A = model.features(x)
         B, C, h, w = A.shape
@@ -305,7 +330,7 @@ def scorecam_batch(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, chun
                 continue
             base = _score(base_logits[cls], score) if base_logits is not None else None
             S = scorecam_scores(model, x[b:b + 1], A[b:b + 1], cls, chunk, base, score, channels_last, cuda_autocast)
-            out[b, cls] = _combine(A[b], S)
+            out[b, cls] = _combine(A[b], S, weights)
     return out
 
 

@@ -182,7 +182,8 @@ class SeedData(Dataset):
         gt = self.gts[idx] if self.gts[idx] is not None else np.full(self.seeds[idx].shape, VOID, np.uint8)
         ones = np.full(self.images[idx].shape, 255, np.uint8)
         area, gt = random_scale_flip_crop(np.random.default_rng(key), ones, gt, self.crop)  # same draws
-        return (to_tensor(image), torch.from_numpy(image), torch.from_numpy(seed.astype(np.int64)),
+        # the crop may be a view of a read-only array: torch.tensor copies (no warning, same values)
+        return (to_tensor(image), torch.tensor(image), torch.from_numpy(seed.astype(np.int64)),
                 torch.from_numpy(gt.astype(np.int64)), torch.from_numpy(area[..., 0] > 127),
                 torch.from_numpy(self.present[idx]))
 

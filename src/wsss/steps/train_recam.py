@@ -42,7 +42,7 @@ Masks m_bc:
     minute per step on 2 CPU cores).
   - ``online``: at every step the correct Score-CAM of the current model on the current
     crops (:func:`wsss.cams.scorecam.scorecam_batch`, ``scorecam_chunk``,
-    ``scorecam_baseline``, ``scorecam_score``), or the student project's variant
+    ``scorecam_baseline``, ``scorecam_score``, ``scorecam_weights``), or the student project's variant
     (:func:`wsss.cams.scorecam.study_scorecam_batch`) when ``scorecam_variant: study``.
 
 Writes ``outputs/checkpoints/<name>.pt`` and ``outputs/metrics/train_<name>.json``.
@@ -74,9 +74,11 @@ VARIANTS = ("cam", "scorecam")
 TRAINING_KEYS = ("seed", "dataset", "data_dir", "recam_split", "subset", "recam_epochs", "recam_lr",
                  "recam_lambda", "recam_momentum", "recam_detach_mask", "cls_batch_size", "cls_weight_decay",
                  "cls_crop", "max_steps", "recipe_list_size", "freeze_stem_bn")
-SCORECAM_KEYS = ("scorecam_chunk", "scorecam_variant", "scorecam_baseline", "scorecam_score")
+SCORECAM_KEYS = ("scorecam_chunk", "scorecam_variant", "scorecam_baseline", "scorecam_score",
+                 "scorecam_weights")
 #: what shapes the Score-CAM masks of recam_scorecam_mask: seeds (see :func:`scorecam_masks`)
-SEED_MASK_KEYS = ("scorecam_chunk", "scorecam_variant", "scorecam_baseline", "scorecam_score", "scorecam_scales",
+SEED_MASK_KEYS = ("scorecam_chunk", "scorecam_variant", "scorecam_baseline", "scorecam_score", "scorecam_weights",
+                  "scorecam_scales",
                   "scorecam_flip", "cam_batch_size")
 EPS = 1e-5
 def stage_name(variant: str) -> str:
@@ -244,7 +246,7 @@ def make_step_fn(params: Params, variant: str, source: str):
             raw = study_scorecam_batch(m, x, y, chunk=params.scorecam_chunk)
         else:
             raw = scorecam_batch(m, x, y, chunk=params.scorecam_chunk, baseline=params.scorecam_baseline,
-                                 score=params.scorecam_score)
+                                 score=params.scorecam_score, weights=params.scorecam_weights)
         return pool_masks(raw.detach(), feats.shape[-2:])
 
     def step_fn(m, batch, step):
