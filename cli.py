@@ -329,13 +329,15 @@ def compare(methods: str = typer.Option("cam,scorecam,recam,recam-scorecam", hel
 def spread(seeds: str = typer.Option("0,1,2", help="comma-separated random seeds"),
            methods: str = typer.Option("", help="comma-separated subset of params methods (default: all)"),
            until: str = typer.Option("seg", help="last stage per method: seeds | crf | irn | seg"),
+           collect: str = typer.Option("", help="comma-separated experiments that already ran, one per seed: "
+                                                "aggregate them instead of running --seeds"),
            params: Path = ParamsOpt):
     """The pipeline once per random seed as DVC experiments (dvc exp show lists them), then
     mean ± std per method (outputs/spread/)."""
     import dataclasses
 
     from wsss.config import params_source
-    from wsss.spread import TARGETS, spread as run_spread
+    from wsss.spread import TARGETS, collect as collect_runs, spread as run_spread
 
     try:
         values = [int(s) for s in seeds.split(",") if s.strip()]
@@ -353,7 +355,11 @@ def spread(seeds: str = typer.Option("0,1,2", help="comma-separated random seeds
             raise UserError(f"--methods: {missing[0]!r} is not listed in {params} key 'methods'; add it there first")
         with params_source("--methods"):
             p = dataclasses.replace(p, methods={m: p.methods[m] for m in chosen})
-    run_spread(p, values, until)
+    names = [n.strip() for n in collect.split(",") if n.strip()]
+    if names:
+        collect_runs(p, names, until)
+    else:
+        run_spread(p, values, until)
 
 
 @app.command("eval")

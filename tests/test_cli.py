@@ -127,3 +127,15 @@ def test_ui_starts_mlflow_on_the_sqlite_store(world, monkeypatch):
     res = runner.invoke(cli.app, ["ui", "--port", "5999"])
     assert res.exit_code == 0, res.output
     assert f"sqlite:///{world / 'mlflow.db'}" in seen["cmd"] and "127.0.0.1" in seen["cmd"]
+
+
+def test_spread_collect_aggregates_named_experiments(world, monkeypatch):
+    """`spread --collect a,b` hands the names (trimmed) to wsss.spread.collect and queues nothing."""
+    from wsss import spread
+
+    seen = {}
+    monkeypatch.setattr(spread, "collect", lambda p, names, until: seen.update(names=names, until=until))
+    monkeypatch.setattr(spread, "spread", lambda *a: pytest.fail("--collect must not queue runs"))
+    res = invoke(world, "spread", "--collect", "all-s0, all-s1", "--until", "irn")
+    assert res.exit_code == 0, res.output
+    assert seen == {"names": ["all-s0", "all-s1"], "until": "irn"}

@@ -134,27 +134,94 @@ def test_spread_reports_an_experiment_without_results(tmp_path, monkeypatch):
         spread.spread(Params(methods={"cam": "cls"}), [0], root=tmp_path)
 
 
+#: `dvc exp list --all-commits` as dvc 3 prints it: experiments of two baseline commits
+LISTING = "9b6ed5c:\n\ta70e796 [exp-a]\n\t5589b7f [other]\n61e9aa5:\n\t74e7264 [exp-b]\n"
+
+
+def _show_of(*names):
+    """`dvc exp show --json --rev X`: only the experiments of X (SHOW's, kept by name)."""
+    revs = [e for e in SHOW[1]["experiments"] if e["revs"][0]["name"] in names]
+    return json.dumps([SHOW[0], {"rev": "X", "experiments": revs}])
+
+
+def spread_mod():
+    from wsss import spread
+    return spread
+
+
+def test_baselines_parse_dvc_exp_list():
+    assert spread_mod().baselines(LISTING) == {"exp-a": "9b6ed5c", "other": "9b6ed5c", "exp-b": "61e9aa5"}
+
+
+def test_collect_aggregates_experiments_of_several_baselines(tmp_path, monkeypatch):
+    """--collect runs nothing: it finds each named experiment's baseline commit in `dvc exp list
+    --all-commits`, reads it from `dvc exp show --json --rev <baseline>` and aggregates as spread
+    does (the same hand-computed mean ± std as the queued test)."""
+    spread = spread_mod()
+    monkeypatch.setenv("WSSS_OUTPUTS", str(tmp_path / "outputs"))
+    monkeypatch.setenv("WSSS_TRACKING", "0")
+    calls = []
+
+    def fake(args, cwd, stdout_only=False):
+        calls.append(args)
+        if args == ["exp", "list", "--all-commits"]:
+            return LISTING
+        if args[:3] == ["exp", "show", "--json"]:
+            return _show_of({"9b6ed5c": "exp-a", "61e9aa5": "exp-b"}[args[4]], "other")
+        raise AssertionError(f"unexpected dvc call {args}")
+
+    monkeypatch.setattr(spread, "_call", fake)
+    agg = spread.collect(Params(methods={"cam": "cls"}), ["exp-b", "exp-a"], until="crf", root=tmp_path)
+    assert calls == [["exp", "list", "--all-commits"], ["exp", "show", "--json", "--rev", "61e9aa5"],
+                     ["exp", "show", "--json", "--rev", "9b6ed5c"]]
+    assert agg["seeds"] == [0, 1] and agg["experiments"] == {0: "exp-a", 1: "exp-b"}
+    assert agg["methods"]["cam"]["seed"] == (pytest.approx(0.3), pytest.approx(0.1))
+    assert agg["methods"]["cam"]["mask"] == (pytest.approx(0.4), pytest.approx(0.1))
+    assert "| cam | 30.0 ± 10.0 | 40.0 ± 10.0 |" in (tmp_path / "outputs" / "spread" / "report.md").read_text()
+
+
+def test_collect_names_a_missing_experiment_and_a_repeated_seed(tmp_path, monkeypatch):
+    from wsss.errors import UserError
+
+    spread = spread_mod()
+    monkeypatch.setenv("WSSS_OUTPUTS", str(tmp_path / "outputs"))
+    monkeypatch.setenv("WSSS_TRACKING", "0")
+    monkeypatch.setattr(spread, "_call", lambda args, cwd, stdout_only=False: (
+        LISTING if args[1] == "list" else _show_of("exp-a", "exp-b", "other")))
+    with pytest.raises(UserError, match="no experiment named 'nope'; `dvc exp list --all-commits` lists them"):
+        spread.collect(Params(methods={"cam": "cls"}), ["exp-a", "nope"], root=tmp_path)
+    twin = [SHOW[0], {"rev": "X", "experiments": [{"revs": [_exp("exp-a", 0, {})]}, {"revs": [_exp("other", 0, {})]}]}]
+    monkeypatch.setattr(spread, "_call", lambda args, cwd, stdout_only=False: (
+        LISTING if args[1] == "list" else json.dumps(twin)))
+    with pytest.raises(UserError, match="experiments exp-a and other both ran seed 0"):
+        spread.collect(Params(methods={"cam": "cls"}), ["exp-a", "other"], root=tmp_path)
+
+
 def test_spread_report_shows_means_deltas_and_no_empty_single_run_table(tmp_path, monkeypatch):
     """The spread folder has no per-method metrics of its own: its report is the mean ± std
-    table, with the deltas of the means against cam (by hand), and its rows are the means."""
+    table, with the deltas of the means against cam (by hand), and its rows are the means. A Δ
+    is starred when it exceeds twice the larger std, and only when both sides have 2 seeds."""
     monkeypatch.setenv("WSSS_OUTPUTS", str(tmp_path))
     monkeypatch.setenv("WSSS_TRACKING", "0")
     per_seed = {0: [{"method": "cam", "seed": 0.20, "mask": 0.22, "irn": 0.30, "seg": 0.10, "seed_best": 0.21,
-                     "seed_official": 0.23},
-                    {"method": "gradcam", "seed": 0.18, "mask": 0.19, "irn": 0.24, "seg": 0.08, "seed_best": 0.19,
-                     "seed_official": 0.15}],
+                     "seed_official": 0.23, "dsrg": 0.30},
+                    {"method": "gradcam", "seed": 0.14, "mask": 0.19, "irn": 0.22, "seg": 0.05, "seed_best": 0.19,
+                     "seed_official": 0.15, "dsrg": 0.10}],
                 1: [{"method": "cam", "seed": 0.18, "mask": 0.20, "irn": 0.28, "seg": 0.12, "seed_best": 0.19,
                      "seed_official": 0.21},
-                    {"method": "gradcam", "seed": 0.16, "mask": 0.21, "irn": 0.26, "seg": 0.10, "seed_best": 0.17,
+                    {"method": "gradcam", "seed": 0.12, "mask": 0.21, "irn": 0.28, "seg": 0.07, "seed_best": 0.17,
                      "seed_official": 0.17}]}
     agg = report.aggregate(per_seed)
+    assert agg["n"]["gradcam"]["dsrg"] == 1 and agg["n"]["gradcam"]["seed"] == 2
     result = report.run(Params(methods={"cam": "cls", "gradcam": "cls"}), spread=agg)
     text = (tmp_path / "report.md").read_text()
-    # IRN column: gradcam (0.24, 0.26) -> 25.0 ± 1.0, cam's mean 29.0: delta -4.0; no DSRG run: "-"
-    assert ("| gradcam | 17.0 ± 1.0 | 20.0 ± 1.0 | 25.0 ± 1.0 | 9.0 ± 1.0 | - | 18.0 ± 1.0 | 16.0 ± 1.0 (threshold 0.15) "
-            "| -2.0 / -1.0 / -4.0 / -2.0 |") in text
-    assert ("| cam | 19.0 ± 1.0 | 21.0 ± 1.0 | 29.0 ± 1.0 | 11.0 ± 1.0 | - | 20.0 ± 1.0 | 22.0 ± 1.0 (threshold 0.15) "
-            "| - / - / - / - |") in text
+    # gradcam vs cam: seed 13 ± 1 vs 19 ± 1 (|-6| > 2: *), CRF 20 vs 21 (-1: none), IRN 25 ± 3 vs
+    # 29 ± 1 (|-4| < 2 x the larger std 3: none), seg 6 vs 11 (-5: *); DSRG one seed each: 10 vs
+    # 30, -20 but no star (no std to test against)
+    assert ("| gradcam | 13.0 ± 1.0 | 20.0 ± 1.0 | 25.0 ± 3.0 | 6.0 ± 1.0 | 10.0 ± 0.0 (n=1) | 18.0 ± 1.0 "
+            "| 16.0 ± 1.0 (threshold 0.15) | -6.0* / -1.0 / -4.0 / -5.0* / -20.0 |") in text
+    assert ("| cam | 19.0 ± 1.0 | 21.0 ± 1.0 | 29.0 ± 1.0 | 11.0 ± 1.0 | 30.0 ± 0.0 (n=1) | 20.0 ± 1.0 "
+            "| 22.0 ± 1.0 (threshold 0.15) | - / - / - / - / - |") in text
     assert "Δ vs cam | pseudo-mask" not in text  # no single-run table (its cells would be empty)
     assert result["rows"][0]["seed"] == pytest.approx(0.19)
     assert (tmp_path / "report.png").stat().st_size > 0

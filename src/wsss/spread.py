@@ -7,6 +7,7 @@ queue with one worker (every stage logs to the one sqlite MLflow store, which ta
 a time) and waits for it, and the scores are read back from ``dvc exp show --json``, so the same
 experiments show in ``dvc exp show`` and in MLflow (``dvc.exp_name``). A seed whose stages ran
 before with the same params and code is restored from DVC's run cache instead of rerun.
+``--collect NAME,...`` aggregates experiments that already ran (one per seed) instead.
 """
 
 from __future__ import annotations
@@ -102,8 +103,6 @@ def baseline_commit(root: Path) -> str | None:
 def spread(params: Params, seeds: list[int], until: str = "seg", root: Path | None = None) -> dict:
     """Queue, run and aggregate one experiment per seed; writes outputs/spread/."""
     from .paths import workspace_root
-    from .steps import report
-    from .steps.common import out_dir, outputs_at
 
     root = root or workspace_root()
     listed = list(params.methods)
@@ -116,16 +115,66 @@ def spread(params: Params, seeds: list[int], until: str = "seg", root: Path | No
         raise UserError(f"dvc queued {len(names)} experiments for {len(seeds)} seeds; see `dvc queue status`")
     print(f"[spread] queued {', '.join(names)}; running them with one worker", flush=True)
     _call(["exp", "run", "--run-all", "--jobs", "1"], root)
-    show = ["exp", "show", "--json"] + (["--rev", base] if base else [])
-    found = results(json.loads(_call(show, root, stdout_only=True).strip() or "[]"), names)
+    found = _show(root, base, names)
     failed = [n for n in names if n not in found]
     if failed:
         raise UserError(f"experiment {failed[0]} left no results; see `dvc queue logs {failed[0]}`")
-    per_seed, regimes = {}, {}
+    return _report(params, names, found, until)
+
+
+def _show(root: Path, base: str | None, names: list[str]) -> dict[str, dict]:
+    show = ["exp", "show", "--json"] + (["--rev", base] if base else [])
+    return results(json.loads(_call(show, root, stdout_only=True).strip() or "[]"), names)
+
+
+def _report(params: Params, names: list[str], found: dict[str, dict], until: str) -> dict:
+    """Aggregate the experiments ``names`` (one per seed) and write outputs/spread/."""
+    from .steps import report
+    from .steps.common import out_dir, outputs_at
+
+    listed = list(params.methods)
+    per_seed, regimes, source = {}, {}, {}
     for name in names:
         seed = int(found[name]["params"].get("seed"))
+        if seed in source:
+            raise UserError(f"experiments {source[seed]} and {name} both ran seed {seed}; give one experiment per seed")
+        source[seed] = name
         per_seed[seed], regimes[seed] = rows_of(found[name], listed, until)
     agg = report.aggregate(per_seed, regimes)
+    agg["experiments"] = {seed: source[seed] for seed in sorted(source)}
     with outputs_at(out_dir("spread")):
         report.run(params, spread=agg)
     return agg
+
+
+def baselines(listing: str) -> dict[str, str]:
+    """experiment name -> its baseline commit, from ``dvc exp list --all-commits`` output
+    ("<baseline>:" lines, then one tab-indented "<sha> [<name>]" line per experiment)."""
+    found, base = {}, None
+    for line in listing.splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith(":"):
+            base = line.strip()[:-1]
+        elif base and "[" in line and line.rstrip().endswith("]"):
+            found[line[line.index("[") + 1:line.rindex("]")]] = base
+    return found
+
+
+def collect(params: Params, names: list[str], until: str = "seg", root: Path | None = None) -> dict:
+    """Aggregate experiments that already ran, one per seed (``dvc exp run --temp -S seed=N``,
+    ``dvc exp save`` in a worktree where the seed ran, on another machine and pulled, ...):
+    the same report as :func:`spread` without queueing anything. The experiments may derive
+    from different commits (``dvc exp list --all-commits`` finds each one's)."""
+    from .paths import workspace_root
+
+    root = root or workspace_root()
+    base_of = baselines(_call(["exp", "list", "--all-commits"], root, stdout_only=True))
+    missing = [n for n in names if n not in base_of]
+    if missing:
+        raise UserError(f"--collect: no experiment named {missing[0]!r}; `dvc exp list --all-commits` lists them")
+    found: dict[str, dict] = {}
+    for base in dict.fromkeys(base_of[n] for n in names):
+        found.update(_show(root, base, [n for n in names if base_of[n] == base]))
+    lost = [n for n in names if n not in found]
+    if lost:
+        raise UserError(f"--collect: `dvc exp show` gives no results for {lost[0]!r}")
+    return _report(params, names, found, until)

@@ -146,6 +146,20 @@ def _delta(method: str, value, base) -> str:
     return f"{100 * (value - base):+.1f}"
 
 
+def _spread_delta(method: str, stats, base, n: int, n_base: int) -> str:
+    """Δ of the means vs cam in points, with ``*`` when it exceeds twice the larger of the two
+    population stds (issue 8's test of a difference), which needs two seeds on each side."""
+    text = _delta(method, stats[0] if stats else None, base[0] if base else None)
+    if text == "-" or min(n, n_base) < 2:
+        return text
+    return text + ("*" if abs(stats[0] - base[0]) > 2 * max(stats[1], base[1]) else "")
+
+
+def _n_note(n: int | None, n_seeds: int) -> str:
+    """`` (n=K)`` after a mean that fewer seeds than the spread's measured; "" otherwise."""
+    return f" (n={n})" if n is not None and n != n_seeds else ""
+
+
 def _single_table(rows: list[dict], seg_masks: str = "crf") -> list[str]:
     base = next((r for r in rows if r["method"] == "cam"), {})
     lines = ["| method | seed mIoU | Δ vs cam | pseudo-mask mIoU (CRF) | Δ vs cam | pseudo-mask mIoU (IRN) | Δ vs cam "
@@ -188,19 +202,29 @@ def scoring_notes(names: list[str]) -> list[str]:
 
 def _spread_table(spread: dict, seg_masks: str = "crf") -> list[str]:
     cam = spread["methods"].get("cam", {})
+    n_seeds = len(spread["seeds"])
+    counts = spread.get("n", {})
+    compared = [k for k, _ in STAGES] + [k for k, _, _ in SEG_TRAINERS]
     lines = ["| method | seed mIoU | pseudo-mask mIoU (CRF) | pseudo-mask mIoU (IRN) "
              f"| segmentation mIoU (on {seg_masks.upper()} masks) "
              + "".join(f"| {h} " for _, _, h in SEG_TRAINERS)
              + "| seed mIoU, oracle threshold | seed mIoU, official scoring "
-             "| Δ vs cam (seed / CRF mask / IRN mask / seg, of the means) |",
+             "| Δ vs cam (seed / CRF mask / IRN mask / seg"
+             + "".join(f" / {k.upper()}" for k, _, _ in SEG_TRAINERS) + ", of the means) |",
              "|---|---|---|---|---|" + "---|" * len(SEG_TRAINERS) + "---|---|---|"]
     for m, st in spread["methods"].items():
-        deltas = [_delta(m, st.get(k, (None,))[0], cam.get(k, (None,))[0]) for k, _ in STAGES]
-        cells = [_cell("pct", *st.get(k, (None, None))) for k, _ in STAGES]
-        cells += [_cell("pct", *st.get(k, (None, None))) for k, _, _ in SEG_TRAINERS]
-        cells.append(_cell("pct", *st.get(ORACLE, (None, None))))
-        cells.append(_official_cell(m, *st.get(OFFICIAL, (None, None))))
+        n = counts.get(m, {})
+
+        def cell(k, kind="pct"):
+            return _cell(kind, *st.get(k, (None, None))) + (_n_note(n.get(k), n_seeds) if k in st else "")
+
+        deltas = [_spread_delta(m, st.get(k), cam.get(k), n.get(k, n_seeds), counts.get("cam", {}).get(k, n_seeds))
+                  for k in compared]
+        cells = [cell(k) for k, _ in STAGES] + [cell(k) for k, _, _ in SEG_TRAINERS] + [cell(ORACLE)]
+        cells.append(_official_cell(m, *st.get(OFFICIAL, (None, None))) + _n_note(n.get(OFFICIAL), n_seeds))
         lines.append(f"| {m} | " + " | ".join(cells) + " | " + " / ".join(deltas) + " |")
+    lines += ["", "Δ marked * exceeds twice the larger of the two population stds (the method's and cam's); "
+              "a Δ is marked only where each side has two seeds or more. (n=K): that mean is over K seeds."]
     return lines
 
 
@@ -333,7 +357,8 @@ def run(params: Params, spread: dict | None = None) -> dict:
 
 def aggregate(per_seed: dict[int, list[dict]], regimes: dict[int, dict] | None = None) -> dict:
     """mean ± std (population std over seeds) of each method's mIoUs and role metrics and, given
-    each seed's report.json ``regime``, of the regime block (over the seeds that measured it)."""
+    each seed's report.json ``regime``, of the regime block (over the seeds that measured it);
+    ``n``: how many seeds each method's mean is over (a stage some seeds did not run has fewer)."""
     def stats(values: list[float]) -> tuple[float, float]:
         return float(np.mean(values)), float(np.std(values))
 
@@ -350,4 +375,5 @@ def aggregate(per_seed: dict[int, list[dict]], regimes: dict[int, dict] | None =
                 regime.setdefault(k, []).append(v)
     return {"seeds": sorted(per_seed),
             "methods": {m: {k: stats(v) for k, v in d.items()} for m, d in methods.items()},
+            "n": {m: {k: len(v) for k, v in d.items()} for m, d in methods.items()},
             "regime": {k: stats(v) for k, v in regime.items()}}
