@@ -131,6 +131,14 @@ def test_spread_runs_seeds_as_queued_dvc_experiments(micro_repo):
     assert "mask" not in saved["spread"]["methods"]["cam"]
     shown = subprocess.run(["dvc", "exp", "show", "--json"], cwd=root, env=env, capture_output=True, text=True)
     assert '"seed": 1' in shown.stdout
+    # --collect reads the same experiment back after HEAD moved on (its baseline is now an older
+    # commit, found through `dvc exp list --all-commits`) and writes the same means
+    name = log.split("[spread] queued ")[1].split(";")[0]
+    _run(["git", "commit", "-qm", "later", "--allow-empty"], root, env)
+    _run([sys.executable, "cli.py", "spread", "--collect", name, "--methods", "cam", "--until", "seeds"], root, env)
+    again = json.loads((root / "outputs/spread/metrics/report.json").read_text())
+    assert again["spread"]["methods"] == saved["spread"]["methods"]
+    assert again["spread"]["experiments"] == {"1": name}
 
 
 def test_only_listed_methods_have_stages_and_cam_alone_reproduces(micro_repo):
