@@ -215,8 +215,8 @@ def _spread_table(spread: dict, seg_masks: str = "crf") -> list[str]:
     for m, st in spread["methods"].items():
         n = counts.get(m, {})
 
-        def cell(k, kind="pct"):
-            return _cell(kind, *st.get(k, (None, None))) + (_n_note(n.get(k), n_seeds) if k in st else "")
+        def cell(k):
+            return _cell("pct", *st.get(k, (None, None))) + (_n_note(n.get(k), n_seeds) if k in st else "")
 
         deltas = [_spread_delta(m, st.get(k), cam.get(k), n.get(k, n_seeds), counts.get("cam", {}).get(k, n_seeds))
                   for k in compared]
