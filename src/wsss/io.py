@@ -140,7 +140,8 @@ def save_torch(path: str | os.PathLike, obj: Any) -> None:
 def load_torch(path: str | os.PathLike, what: str, fix: str) -> Any:
     """The one checkpoint reader: the object :func:`save_torch` wrote at ``path`` (or a torch
     state dict file), on the CPU, tensors and plain containers only (``weights_only``: a
-    checkpoint cannot run code). A missing or unreadable file is one :class:`UserError`
+    checkpoint cannot run code). Every checkpoint and state dict is a mapping: a missing or
+    unreadable file, or one holding anything else (a bare tensor), is one :class:`UserError`
     naming the file, ``what`` it should be and the ``fix``."""
     import torch
 
@@ -150,6 +151,9 @@ def load_torch(path: str | os.PathLike, what: str, fix: str) -> Any:
     if not path.is_file():
         raise UserError(f"{path}: {what} not found; {fix}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"{path}: not a readable {what} ({type(e).__name__}); {fix}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: not a readable {what} (a {type(obj).__name__}, not a mapping); {fix}")
+    return obj

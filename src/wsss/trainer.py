@@ -220,7 +220,7 @@ def train_loop(
         except UserError as e:  # e.g. a truncated file from an old version: not worth stopping for
             print(e)
             state = {}
-        if isinstance(state, dict) and state.get("fingerprint") == fp and "rng" in state:
+        if state.get("fingerprint") == fp and "rng" in state:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             rngs = state.get("rng_ranks") or [state["rng"]]

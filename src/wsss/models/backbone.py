@@ -53,7 +53,7 @@ def load_backbone_weights(net: nn.Module, arch: str, pretrained: str) -> None:
         path = Path(pretrained)
         fix = "fix key 'pretrained' in params.yaml" if not path.is_file() else "re-download it"
         state = load_torch(path, "pretrained weights file (torch state dict)", fix)
-        if isinstance(state, dict) and "state_dict" in state:
+        if "state_dict" in state:
             state = state["state_dict"]
         if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
             raise UserError(f"{path}: not a torchvision {arch} state dict (parameter name -> tensor); "

@@ -175,7 +175,7 @@ def load_deeplab(path: str | Path, device: torch.device | str = "cpu",
     trainer = trainer or f"python cli.py train-seg --method {method}"
     ckpt = load_torch(path, "segmentation checkpoint", f"run `{trainer}`" + (" first" if not path.is_file() else " again"))
     try:
-        spec = ckpt["spec"] if isinstance(ckpt, dict) else {}  # a bare tensor: no warning, same error
+        spec = ckpt["spec"]
         if spec.get("kind") != "deeplab":
             raise UserError(f"{path}: is not a segmentation (deeplab) checkpoint; rerun `{trainer}`")
         model = DeepLab(spec["backbone"], spec["output_stride"], "none", spec["num_classes"],

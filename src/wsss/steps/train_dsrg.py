@@ -315,7 +315,7 @@ def _finished_round(path: Path, fp: str) -> dict | None:
         ckpt = load_torch(path, "DSRG round checkpoint", "training the round again")
     except UserError:
         return None
-    return ckpt if isinstance(ckpt, dict) and ckpt.get("fingerprint") == fp else None
+    return ckpt if ckpt.get("fingerprint") == fp else None
 
 
 def write_curve(path: Path, curve: list[dict]) -> None:
