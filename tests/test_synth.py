@@ -112,7 +112,9 @@ def test_parts_are_small_and_discriminative():
             part_areas.append(o.part.sum())
             body_areas.append(o.body.sum())
         assert not (synth.part_mask(s) & (s.mask == 0)).any()  # visible parts are labelled object
-    assert np.mean(part_areas) < 0.25 * np.mean(body_areas)
+    # the body is at least 2.5x the part: at the default synth_part_size 0.55 the disc is about a
+    # quarter of the object (0.34 x the body, measured), at 0.45 about a fifth
+    assert np.mean(part_areas) < 0.4 * np.mean(body_areas)
     # each part (colour, pattern) is unique to one class; each body shape is shared by five classes
     codes = [synth.part_code(c) for c in range(20)]
     assert len(set(codes)) == 20
@@ -124,7 +126,7 @@ def test_part_size_sets_the_disc_diameter():
     # same world seed: the bodies are the same, only the discs shrink. Each part is a disc of
     # radius max(5, synth_part_size * half the body's shorter side), so going from 0.45 to 0.3
     # scales a radius r by 2/3, floored at 5 px (equivalent radius sqrt(area / pi))
-    big, small_ = Params(synth_n_train=30), Params(synth_n_train=30, synth_part_size=0.3)
+    big, small_ = Params(synth_n_train=30, synth_part_size=0.45), Params(synth_n_train=30, synth_part_size=0.3)
     errors = []
     for i in range(30):
         a, b = synth.render(big, i), synth.render(small_, i)

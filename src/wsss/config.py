@@ -60,9 +60,9 @@ class Params:
     synth_n_extra: int = 480  # extra images listed only in train_aug (like SBD)
     synth_size: int = 96
     synth_max_objects: int = 3
-    synth_extent: list[float] = field(default_factory=lambda: [0.25, 0.6])  # body's longer side / image side
-    synth_body_tint: float = 0.7  # how far each body's colour leans to its class's own hue (0 = group colour)
-    synth_part_size: float = 0.45  # part disc diameter / body's shorter side (at least 10 px across)
+    synth_extent: list[float] = field(default_factory=lambda: [0.3, 0.75])  # body's longer side / image side
+    synth_body_tint: float = 0.5  # how far each body's colour leans to its class's own hue (0 = group colour)
+    synth_part_size: float = 0.55  # part disc diameter / body's shorter side (at least 10 px across)
     synth_cooccur: float = 0.5
     synth_context: float = 0.7
     synth_occlusion: float = 0.3
