@@ -313,3 +313,31 @@ def test_kill_9_then_dvc_repro_resumes_and_ends_as_an_uninterrupted_run(worlds, 
     assert not left, f"left under outputs/: {left}"
     # and dvc agrees that the stages ran to the end: nothing to rerun up to train-seg@cam
     assert "changed" not in _run(["dvc", "status", "--with-deps", "train-seg@cam"], killed, env)
+
+
+def test_mask_fingerprint_follows_the_masks_bytes_not_their_mtimes(tmp_path):
+    """The fingerprint is saved in train-seg's and train-irn's checkpoints, so a checkout that
+    only rewrites mtimes (dvc checkout, a fresh clone) must keep it; a changed mask, a renamed
+    one or one more must not. Expected: sha1 over "name:" + sha1(bytes) per file, in name order."""
+    import hashlib
+    import os
+
+    from wsss.steps.common import mask_fingerprint
+
+    (tmp_path / "b.png").write_bytes(b"\x89PNG second")
+    (tmp_path / "a.png").write_bytes(b"\x89PNG first")
+    (tmp_path / "notes.txt").write_text("not a mask")
+    h = hashlib.sha1()
+    for name, data in (("a.png", b"\x89PNG first"), ("b.png", b"\x89PNG second")):
+        h.update(f"{name}:".encode())
+        h.update(hashlib.sha1(data).digest())
+    first = mask_fingerprint(tmp_path)
+    assert first == h.hexdigest()[:16]
+
+    os.utime(tmp_path / "a.png", ns=(1, 1))  # same bytes, another mtime
+    assert mask_fingerprint(tmp_path) == first
+    (tmp_path / "a.png").write_bytes(b"\x89PNG first, changed")
+    changed = mask_fingerprint(tmp_path)
+    assert changed != first
+    (tmp_path / "a.png").rename(tmp_path / "c.png")
+    assert mask_fingerprint(tmp_path) not in (first, changed)

@@ -62,14 +62,15 @@ def open_split(params: Params, split: str, validate: bool = True):
 
 
 def mask_fingerprint(mask_dir: Path) -> str:
-    """Names, sizes and mtimes of the label PNGs in ``mask_dir``: a resume never mixes two sets
-    of masks."""
+    """Names and bytes of the label PNGs in ``mask_dir``: a resume never mixes two sets of
+    masks. The bytes, not the mtimes: a ``dvc checkout`` or a fresh clone rewrites the mtimes,
+    and the fingerprint is saved in the checkpoint, whose bytes must then not change."""
     import hashlib
 
     h = hashlib.sha1()
     for p in sorted(mask_dir.glob("*.png")):
-        st = p.stat()
-        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+        h.update(f"{p.name}:".encode())
+        h.update(hashlib.sha1(p.read_bytes()).digest())
     return h.hexdigest()[:16]
 
 
