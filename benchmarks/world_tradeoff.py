@@ -32,6 +32,8 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+from wsss.steps.report import collect, regime_values  # noqa: E402  (the report's own readers)
 STEPS = ["data synth --no-preview", "train-cls", "train --method cam", "seeds --method cam",
          "eval-seeds --method cam", "crf --method cam", "train-seg --method gt", "eval-seg --method gt"]
 COLUMNS = ["variant", "overrides", "val_map", "seed_miou", "part_recall", "body_recall", "part_body",
@@ -54,19 +56,25 @@ def parse_variants(path: Path) -> list[tuple[str, dict]]:
     return variants
 
 
+def checked_params(name: str, overrides: dict) -> dict:
+    """params.yaml with the variant's overrides; an unknown key is one error, before any work."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    unknown = set(overrides) - set(params)
+    if unknown:
+        sys.exit(f"error: variant {name}: unknown params {sorted(unknown)}")
+    return {**params, **overrides}
+
+
 def run_variant(name: str, overrides: dict, work: Path, device: str, crf_only: bool) -> dict:
     d = work / name
     have_crf = importlib.util.find_spec("pydensecrf") is not None
     if not crf_only:
+        params = checked_params(name, overrides)
+        params["device"] = device
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
         shutil.copy(REPO / "cli.py", d)
         shutil.copytree(REPO / "src", d / "src", ignore=shutil.ignore_patterns("__pycache__"))
-        params = yaml.safe_load((REPO / "params.yaml").read_text())
-        unknown = set(overrides) - set(params)
-        if unknown:
-            sys.exit(f"error: variant {name}: unknown params {sorted(unknown)}")
-        params.update(overrides, device=device)
         (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     steps = ["data synth --no-preview", "crf --method cam"] if crf_only else STEPS
     env = dict(os.environ, WSSS_TRACKING="0")
@@ -78,19 +86,17 @@ def run_variant(name: str, overrides: dict, work: Path, device: str, crf_only: b
         r = subprocess.run([sys.executable, "cli.py", *step.split()], cwd=d, env=env, capture_output=True, text=True)
         if r.returncode:
             sys.exit(f"error: variant {name}: `{step}` failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
-    m = d / "outputs" / "metrics"
+    metrics = d / "outputs" / "metrics"
 
-    def read(rel):
-        return json.loads((m / rel).read_text()) if (m / rel).exists() else {}
-    seeds, crf = read("eval_seeds/cam.json"), read("crf/cam.json")
-    row = {"variant": name, "overrides": " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items()),
-           "val_map": read("train_cls.json").get("val_map"), "seed_miou": seeds.get("miou"),
-           "part_recall": seeds.get("part_recall"), "body_recall": seeds.get("body_recall"),
-           "crf_miou": crf.get("miou"), "upper_bound": read("eval_seg/gt.json").get("miou"),
-           "context_fp": seeds.get("context_fp")}
-    if row["part_recall"] is not None and row["body_recall"]:
-        row["part_body"] = row["part_recall"] / row["body_recall"]
-    return row
+    def read(*parts: str) -> dict:
+        p = metrics.joinpath(*parts)
+        return json.loads(p.read_text()) if p.is_file() else {}
+    rows = collect(["cam"], read=read)
+    cam, regime = rows[0], regime_values(rows, read("train_cls.json").get("val_map"))
+    return {"variant": name, "overrides": " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items()),
+            "val_map": regime["val_map"], "seed_miou": regime["cam_seed"], "crf_miou": regime["cam_mask"],
+            "upper_bound": regime["upper"], **{k: cam[k] for k in ("part_recall", "body_recall", "part_body",
+                                                                    "context_fp")}}
 
 
 def main() -> None:
@@ -104,6 +110,8 @@ def main() -> None:
     if not a.variants.is_file():
         sys.exit(f"error: {a.variants}: no such variants file")
     variants = parse_variants(a.variants)
+    for name, overrides in variants:
+        checked_params(name, overrides)
     out = csv.DictWriter(sys.stdout, COLUMNS)
     out.writeheader()
     with cf.ThreadPoolExecutor(max(1, a.jobs)) as pool:
