@@ -122,6 +122,21 @@ def test_spread_queues_runs_and_reads_dvc_experiments(tmp_path, monkeypatch):
     assert "| classifier val mAP | 0.500 ± 0.100 |" in text
 
 
+def test_spread_runs_dvc_with_the_interpreters_bin_first_on_path(tmp_path, monkeypatch):
+    """`dvc exp run --run-all` spawns its queue worker as a bare `dvc` from PATH: run without the
+    environment activated, the dvc beside the interpreter must still be the one found there."""
+    from wsss import spread
+
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    fake = bin_dir / "dvc"
+    fake.write_text("#!/bin/sh\ncommand -v dvc || echo none\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(spread.sys, "executable", str(bin_dir / "python"))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # not activated
+    assert spread._call(["queue", "start"], tmp_path).strip() == str(fake)
+
+
 def test_spread_reports_an_experiment_without_results(tmp_path, monkeypatch):
     from wsss import spread
     from wsss.errors import UserError

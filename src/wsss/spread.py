@@ -13,6 +13,7 @@ before with the same params and code is restored from DVC's run cache instead of
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,9 +32,19 @@ def _dvc() -> str:
     return str(exe) if exe.exists() else "dvc"
 
 
+def _env() -> dict[str, str]:
+    """The environment for dvc with this interpreter's bin folder first on PATH: ``dvc exp run
+    --run-all`` starts its queue worker as a bare ``dvc`` looked up on PATH, and without the
+    environment activated (``.venv/bin/python cli.py spread``) none is found, no worker starts and
+    the run waits forever without a word."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
 def _call(args: list[str], cwd: Path, stdout_only: bool = False) -> str:
     try:
-        out = subprocess.run([_dvc(), *args], cwd=cwd, capture_output=True, text=True)
+        out = subprocess.run([_dvc(), *args], cwd=cwd, capture_output=True, text=True, env=_env())
     except OSError as e:
         raise UserError(f"cannot run dvc ({e.strerror}); install the requirements (bash run.sh --install-only)") from None
     if out.returncode != 0:
