@@ -139,6 +139,16 @@ def test_spread_runs_seeds_as_queued_dvc_experiments(micro_repo):
     again = json.loads((root / "outputs/spread/metrics/report.json").read_text())
     assert again["spread"]["methods"] == saved["spread"]["methods"]
     assert again["spread"]["experiments"] == {"1": name}
+    # a committed `dvc repro` (HEAD: seed 0, its dvc.lock) counts as a seed beside the experiment:
+    # the mean of the workspace's own metrics file and the experiment's score
+    workspace = json.loads((root / "outputs/metrics/eval_seeds/cam.json").read_text())["miou"]
+    _run([sys.executable, "cli.py", "spread", "--collect", f"HEAD,{name}", "--methods", "cam", "--until", "seeds"],
+         root, env)
+    both = json.loads((root / "outputs/spread/metrics/report.json").read_text())["spread"]
+    assert both["seeds"] == [0, 1] and both["experiments"] == {"0": "HEAD", "1": name}
+    mean, std = both["methods"]["cam"]["seed"]
+    one = saved["spread"]["methods"]["cam"]["seed"][0]
+    assert mean == pytest.approx((workspace + one) / 2) and std == pytest.approx(abs(workspace - one) / 2)
 
 
 def test_only_listed_methods_have_stages_and_cam_alone_reproduces(micro_repo):

@@ -2,6 +2,8 @@
 mean ± std aggregation over random seeds (values by hand)."""
 
 import json
+import os
+import subprocess
 
 import pytest
 
@@ -203,13 +205,94 @@ def test_collect_names_a_missing_experiment_and_a_repeated_seed(tmp_path, monkey
     monkeypatch.setenv("WSSS_TRACKING", "0")
     monkeypatch.setattr(spread, "_call", lambda args, cwd, stdout_only=False: (
         LISTING if args[1] == "list" else _show_of("exp-a", "exp-b", "other")))
-    with pytest.raises(UserError, match="no experiment named 'nope'; `dvc exp list --all-commits` lists them"):
+    monkeypatch.setattr(spread, "commit_of", lambda rev, root: None)
+    with pytest.raises(UserError, match="'nope' is neither an experiment .* nor a git revision"):
         spread.collect(Params(methods={"cam": "cls"}), ["exp-a", "nope"], root=tmp_path)
-    twin = [SHOW[0], {"rev": "X", "experiments": [{"revs": [_exp("exp-a", 0, {})]}, {"revs": [_exp("other", 0, {})]}]}]
+    scored = {"eval_seeds/cam.json": {"miou": 0.2}}
+    twin = [SHOW[0], {"rev": "X", "experiments": [{"revs": [_exp("exp-a", 0, scored)]},
+                                                  {"revs": [_exp("other", 0, scored)]}]}]
     monkeypatch.setattr(spread, "_call", lambda args, cwd, stdout_only=False: (
         LISTING if args[1] == "list" else json.dumps(twin)))
     with pytest.raises(UserError, match="experiments exp-a and other both ran seed 0"):
         spread.collect(Params(methods={"cam": "cls"}), ["exp-a", "other"], root=tmp_path)
+
+
+SHA = "f" * 40
+
+
+def _commit_show(seed, metrics):
+    """`dvc exp show --json --rev SHA`: the workspace, then the commit's own row (its dvc.lock run)."""
+    row = _exp("main", seed, metrics)
+    row["rev"] = SHA
+    return json.dumps([SHOW[0], dict(row, experiments=None)])
+
+
+def test_collect_takes_a_committed_run_beside_an_experiment(tmp_path, monkeypatch):
+    """A name that is no experiment but a git revision (HEAD after `dvc repro` and a commit) is
+    that commit's own run: its row of `dvc exp show --rev <sha>`, aggregated with the
+    experiments (exp-a seed 0: seed 0.20, CRF 0.30; the commit seed 1: 0.40, 0.50 -> 0.3 ± 0.1,
+    0.4 ± 0.1)."""
+    spread = spread_mod()
+    monkeypatch.setenv("WSSS_OUTPUTS", str(tmp_path / "outputs"))
+    monkeypatch.setenv("WSSS_TRACKING", "0")
+    monkeypatch.setattr(spread, "commit_of", lambda rev, root: SHA if rev in ("HEAD", "main") else None)
+    calls = []
+
+    def fake(args, cwd, stdout_only=False):
+        calls.append(args)
+        if args == ["exp", "list", "--all-commits"]:
+            return LISTING
+        if args == ["exp", "show", "--json", "--rev", "9b6ed5c"]:
+            return _show_of("exp-a", "other")
+        if args == ["exp", "show", "--json", "--rev", SHA]:
+            return _commit_show(1, {"eval_seeds/cam.json": {"miou": 0.40}, "crf/cam.json": {"miou": 0.50}})
+        raise AssertionError(f"unexpected dvc call {args}")
+
+    monkeypatch.setattr(spread, "_call", fake)
+    agg = spread.collect(Params(methods={"cam": "cls"}), ["exp-a", "HEAD"], until="crf", root=tmp_path)
+    assert ["exp", "show", "--json", "--rev", SHA] in calls
+    assert agg["seeds"] == [0, 1] and agg["experiments"] == {0: "exp-a", 1: "HEAD"}
+    assert agg["methods"]["cam"]["seed"] == (pytest.approx(0.3), pytest.approx(0.1))
+    assert agg["methods"]["cam"]["mask"] == (pytest.approx(0.4), pytest.approx(0.1))
+
+
+def test_collect_refuses_one_commit_twice_and_a_run_without_metrics(tmp_path, monkeypatch):
+    from wsss.errors import UserError
+
+    spread = spread_mod()
+    monkeypatch.setenv("WSSS_OUTPUTS", str(tmp_path / "outputs"))
+    monkeypatch.setenv("WSSS_TRACKING", "0")
+    monkeypatch.setattr(spread, "commit_of", lambda rev, root: SHA if rev in ("HEAD", "main") else None)
+    # metrics that `dvc exp show` could not read (outputs not in the cache) come as errors, no data
+    missing = {"outputs/metrics/eval_seeds/cam.json": {"error": {"type": "FileNotFoundError"}}}
+
+    def fake(args, cwd, stdout_only=False):
+        if args[1] == "list":
+            return LISTING
+        if args[-1] == SHA:
+            show = json.loads(_commit_show(1, {}))
+            show[1]["data"]["metrics"] = missing
+            return json.dumps(show)
+        return _show_of("exp-a", "other")
+
+    monkeypatch.setattr(spread, "_call", fake)
+    with pytest.raises(UserError, match="'main' and 'HEAD' are the same commit"):
+        spread.collect(Params(methods={"cam": "cls"}), ["HEAD", "main"], root=tmp_path)
+    with pytest.raises(UserError, match="'HEAD' has no metrics up to --until crf in the dvc cache; `dvc pull`"):
+        spread.collect(Params(methods={"cam": "cls"}), ["exp-a", "HEAD"], until="crf", root=tmp_path)
+    assert not (tmp_path / "outputs" / "spread").exists()  # nothing written
+
+
+def test_commit_of_resolves_revisions_of_a_git_repo(tmp_path):
+    spread = spread_mod()
+    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t")
+    for cmd in (["git", "init", "-q"], ["git", "commit", "-q", "--allow-empty", "-m", "x"]):
+        subprocess.run(cmd, cwd=tmp_path, env=env, check=True)
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert len(sha) == 40
+    assert spread.commit_of("HEAD", tmp_path) == sha and spread.commit_of(sha[:7], tmp_path) == sha
+    assert spread.commit_of("no-such-branch", tmp_path) is None
 
 
 def test_spread_report_shows_means_deltas_and_no_empty_single_run_table(tmp_path, monkeypatch):

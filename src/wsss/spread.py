@@ -7,7 +7,9 @@ queue with one worker (every stage logs to the one sqlite MLflow store, which ta
 a time) and waits for it, and the scores are read back from ``dvc exp show --json``, so the same
 experiments show in ``dvc exp show`` and in MLflow (``dvc.exp_name``). A seed whose stages ran
 before with the same params and code is restored from DVC's run cache instead of rerun.
-``--collect NAME,...`` aggregates experiments that already ran (one per seed) instead.
+``--collect NAME,...`` aggregates runs that already happened (one per seed) instead: experiments,
+or git revisions whose committed ``dvc.lock`` is a run (the workspace's own ``dvc repro``, seed 0,
+beside seeds 1 and 2 run as experiments).
 """
 
 from __future__ import annotations
@@ -67,17 +69,19 @@ def queued_names(log: str) -> list[str]:
 
 def results(show: list, names: list[str]) -> dict[str, dict]:
     """name -> {"params": params.yaml values, "metrics": {path under outputs/metrics: dict}} of
-    the experiments ``names`` in ``dvc exp show --json`` output."""
+    the experiments ``names`` in ``dvc exp show --json`` output. A commit is found by its full
+    sha (the ``rev`` of its row) as well as by its branch name."""
     found = {}
 
     def visit(node):
         if isinstance(node, dict):
-            if node.get("name") in names and isinstance(node.get("data"), dict):
+            key = node.get("name") if node.get("name") in names else node.get("rev")
+            if key in names and isinstance(node.get("data"), dict):
                 data = node["data"]
                 params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
                 metrics = {path.removeprefix(METRICS): (m or {}).get("data") or {}
                            for path, m in (data.get("metrics") or {}).items()}
-                found[node["name"]] = {"params": params, "metrics": metrics}
+                found[key] = {"params": params, "metrics": metrics}
             for v in node.values():
                 visit(v)
         elif isinstance(node, list):
@@ -170,22 +174,46 @@ def baselines(listing: str) -> dict[str, str]:
     return found
 
 
+def commit_of(rev: str, root: Path) -> str | None:
+    """The full sha of git revision ``rev`` (a sha, branch, tag, ``HEAD``), or ``None``."""
+    out = subprocess.run(["git", "rev-parse", "--verify", "--quiet", rev + "^{commit}"], cwd=root,
+                         capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
 def collect(params: Params, names: list[str], until: str = "seg", root: Path | None = None) -> dict:
-    """Aggregate experiments that already ran, one per seed (``dvc exp run --temp -S seed=N``,
-    ``dvc exp save`` in a worktree where the seed ran, on another machine and pulled, ...):
-    the same report as :func:`spread` without queueing anything. The experiments may derive
-    from different commits (``dvc exp list --all-commits`` finds each one's)."""
+    """Aggregate runs that already happened, one per seed: the same report as :func:`spread`
+    without queueing anything. A name is an experiment (``dvc exp run --temp -S seed=N``, ``dvc
+    exp save`` in a worktree where the seed ran, on another machine and pulled, ...; the
+    experiments may derive from different commits, ``dvc exp list --all-commits`` finds each
+    one's) or, failing that, a git revision whose committed dvc.lock is the run (``HEAD`` after
+    ``dvc repro`` and a commit). A revision's metrics are read whole: every stage in its dvc.lock
+    is its own run, so give one whose dvc.lock reaches --until."""
     from .paths import workspace_root
 
     root = root or workspace_root()
     base_of = baselines(_call(["exp", "list", "--all-commits"], root, stdout_only=True))
-    missing = [n for n in names if n not in base_of]
+    commits = {n: commit_of(n, root) for n in names if n not in base_of}
+    missing = [n for n, sha in commits.items() if sha is None]
     if missing:
-        raise UserError(f"--collect: no experiment named {missing[0]!r}; `dvc exp list --all-commits` lists them")
+        raise UserError(f"--collect: {missing[0]!r} is neither an experiment (`dvc exp list --all-commits` "
+                        "lists them) nor a git revision")
     found: dict[str, dict] = {}
-    for base in dict.fromkeys(base_of[n] for n in names):
-        found.update(_show(root, base, [n for n in names if base_of[n] == base]))
+    for base in dict.fromkeys(base_of[n] for n in names if n in base_of):
+        found.update(_show(root, base, [n for n in names if base_of.get(n) == base]))
+    given: dict[str, str] = {}
+    for name, sha in commits.items():
+        if sha in given:
+            raise UserError(f"--collect: {name!r} and {given[sha]!r} are the same commit; give each run once")
+        given[sha] = name
+        row = _show(root, sha, [sha]).get(sha)
+        if row is not None:
+            found[name] = row
     lost = [n for n in names if n not in found]
     if lost:
         raise UserError(f"--collect: `dvc exp show` gives no results for {lost[0]!r}")
+    empty = [n for n in names if not any(k.startswith(FRESH[until]) and v for k, v in found[n]["metrics"].items())]
+    if empty:
+        raise UserError(f"--collect: {empty[0]!r} has no metrics up to --until {until} in the dvc cache; "
+                        "`dvc pull` its outputs or give a run that reached that stage")
     return _report(params, names, found, until)
