@@ -329,8 +329,7 @@ def compare(methods: str = typer.Option("cam,scorecam,recam,recam-scorecam", hel
 def spread(seeds: str = typer.Option("0,1,2", help="comma-separated random seeds"),
            methods: str = typer.Option("", help="comma-separated subset of params methods (default: all)"),
            until: str = typer.Option("seg", help="last stage per method: seeds | crf | irn | seg"),
-           collect: str = typer.Option("", help="comma-separated runs that already happened, one per seed: "
-                                                "experiments or git revisions (a committed dvc.lock, e.g. HEAD); "
+           collect: str = typer.Option("", help="comma-separated experiments that already ran, one per seed: "
                                                 "aggregate them instead of running --seeds"),
            params: Path = ParamsOpt):
     """The pipeline once per random seed as DVC experiments (dvc exp show lists them), then
