@@ -98,21 +98,32 @@ FRESH = {"seeds": ("train_cls.json", "eval_seeds/"), "crf": ("train_cls.json", "
          "irn": ("train_cls.json", "eval_seeds/", "crf/", "irn/"), "seg": ("",)}
 
 
+def fresh_metrics(run: dict, until: str) -> dict[str, dict]:
+    """The metrics of ``run`` that it made itself up to stage ``until`` (FRESH)."""
+    return {k: v for k, v in run["metrics"].items() if k.startswith(FRESH[until])}
+
+
 def rows_of(run: dict, methods: list[str], until: str = "seg") -> tuple[list[dict], dict]:
     """The report rows and regime of one experiment, from the metrics it made."""
     from .steps import report
 
-    metrics = {k: v for k, v in run["metrics"].items() if k.startswith(FRESH[until])}
+    metrics = fresh_metrics(run, until)
     rows = report.collect(methods, read=lambda *parts: metrics.get("/".join(parts), {}))
     saved = metrics.get("report.json", {})
     regime = saved.get("regime") or report.regime_values(rows, metrics.get("train_cls.json", {}).get("val_map"))
     return rows, regime
 
 
+def commit_of(rev: str, root: Path) -> str | None:
+    """The full sha of git revision ``rev`` (a sha, branch, tag, ``HEAD``), or ``None``."""
+    out = subprocess.run(["git", "rev-parse", "--verify", "--quiet", rev + "^{commit}"], cwd=root,
+                         capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
 def baseline_commit(root: Path) -> str | None:
     """The commit the queued experiments derive from (``None`` outside a git repository)."""
-    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
-    return out.stdout.strip() if out.returncode == 0 else None
+    return commit_of("HEAD", root)
 
 
 def spread(params: Params, seeds: list[int], until: str = "seg", root: Path | None = None) -> dict:
@@ -174,13 +185,6 @@ def baselines(listing: str) -> dict[str, str]:
     return found
 
 
-def commit_of(rev: str, root: Path) -> str | None:
-    """The full sha of git revision ``rev`` (a sha, branch, tag, ``HEAD``), or ``None``."""
-    out = subprocess.run(["git", "rev-parse", "--verify", "--quiet", rev + "^{commit}"], cwd=root,
-                         capture_output=True, text=True)
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
-
-
 def collect(params: Params, names: list[str], until: str = "seg", root: Path | None = None) -> dict:
     """Aggregate runs that already happened, one per seed: the same report as :func:`spread`
     without queueing anything. A name is an experiment (``dvc exp run --temp -S seed=N``, ``dvc
@@ -198,21 +202,22 @@ def collect(params: Params, names: list[str], until: str = "seg", root: Path | N
     if missing:
         raise UserError(f"--collect: {missing[0]!r} is neither an experiment (`dvc exp list --all-commits` "
                         "lists them) nor a git revision")
-    found: dict[str, dict] = {}
-    for base in dict.fromkeys(base_of[n] for n in names if n in base_of):
-        found.update(_show(root, base, [n for n in names if base_of.get(n) == base]))
     given: dict[str, str] = {}
     for name, sha in commits.items():
         if sha in given:
             raise UserError(f"--collect: {name!r} and {given[sha]!r} are the same commit; give each run once")
         given[sha] = name
+    found: dict[str, dict] = {}
+    for base in dict.fromkeys(base_of[n] for n in names if n in base_of):
+        found.update(_show(root, base, [n for n in names if base_of.get(n) == base]))
+    for sha, name in given.items():
         row = _show(root, sha, [sha]).get(sha)
         if row is not None:
             found[name] = row
     lost = [n for n in names if n not in found]
     if lost:
         raise UserError(f"--collect: `dvc exp show` gives no results for {lost[0]!r}")
-    empty = [n for n in names if not any(k.startswith(FRESH[until]) and v for k, v in found[n]["metrics"].items())]
+    empty = [n for n in names if not any(fresh_metrics(found[n], until).values())]
     if empty:
         raise UserError(f"--collect: {empty[0]!r} has no metrics up to --until {until} in the dvc cache; "
                         "`dvc pull` its outputs or give a run that reached that stage")
