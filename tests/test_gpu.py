@@ -8,6 +8,7 @@ a lent GPU machine with ``python -m pytest -q -m gpu tests/test_gpu.py``.
 * The micro pipeline on CUDA through the CLI: train-cls, seeds, eval-seeds, train-seg and
   eval-seg with ``device: cuda`` (AMP on), every metric finite, the checkpoint loadable on CPU.
 * Two GPUs, when the machine has them: train-cls under torchrun with nccl.
+* ``bench train --mode gpu`` on a tiny workload: both paths measured, ratios of the figures.
 """
 
 from __future__ import annotations
@@ -97,3 +98,20 @@ def test_train_cls_on_two_gpus_with_nccl(tmp_path):
     _cli(tmp_path, "data", "synth", "--no-preview")
     out = _cli(tmp_path, "train-cls")
     assert out.count("[train-cls]") == 1
+
+
+def test_bench_train_gpu_measures_both_paths_and_scorecam():
+    """``bench train --mode gpu`` on a tiny workload: both configurations train and report CUDA
+    memory (the peak-memory reset once ran before CUDA was started and failed), the ratios are
+    the ratios of the reported figures, and Score-CAM masks one forward per layer4 channel of
+    ResNet-18 (512)."""
+    from wsss.bench_train import run_gpu
+
+    r = run_gpu("resnet18", 64, 4, steps=3, warmup=1, scorecam_images=1, scorecam_chunk=64)
+    for key in ("fp32", "amp_channels_last"):
+        assert r[key]["steps_timed"] == 3 and 0 < r[key]["step_s"] < 60
+        assert r[key]["peak_cuda_mib"] > 0
+    assert r["speedup_amp_over_fp32"] == pytest.approx(r["fp32"]["step_s"] / r["amp_channels_last"]["step_s"])
+    assert r["memory_ratio_amp_over_fp32"] == pytest.approx(
+        r["amp_channels_last"]["peak_cuda_mib"] / r["fp32"]["peak_cuda_mib"])
+    assert r["scorecam"]["channels"] == 512 and r["scorecam"]["seconds_per_image"] > 0

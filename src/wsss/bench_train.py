@@ -99,6 +99,9 @@ def measure_training(backbone: str, size: int, batch: int, steps: int, warmup: i
     spec = LoopSpec("bench", 1, 0.01, batch, 1e-4, n_steps, {}, batch_key="--batch", sync_bn=True,
                     cuda_amp=cuda_amp)
     if dev.type == "cuda":
+        # the memory-stat calls do not start CUDA themselves: before any allocation they fail
+        # with "Invalid device argument" (seen on an H100, torch 2.11)
+        torch.cuda.init()
         torch.cuda.reset_peak_memory_stats(dev)
     with tempfile.TemporaryDirectory() as tmp:
         train_loop(spec, model, data, step_fn, Path(tmp), dev, _NoTracker(), seed)
