@@ -1,7 +1,5 @@
 """``bench train``'s step timer on the CPU (the GPU path is in tests/test_gpu.py)."""
 
-import pytest
-
 
 def test_measure_training_times_exactly_the_steps_after_warmup(one_thread):
     """steps + warmup + 1 calls of the step function give steps + warmup gaps between them; the
