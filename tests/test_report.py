@@ -208,13 +208,44 @@ def test_collect_names_a_missing_experiment_and_a_repeated_seed(tmp_path, monkey
     monkeypatch.setattr(spread, "commit_of", lambda rev, root: None)
     with pytest.raises(UserError, match="'nope' is neither an experiment .* nor a git revision"):
         spread.collect(Params(methods={"cam": "cls"}), ["exp-a", "nope"], root=tmp_path)
-    scored = {"eval_seeds/cam.json": {"miou": 0.2}}
-    twin = [SHOW[0], {"rev": "X", "experiments": [{"revs": [_exp("exp-a", 0, scored)]},
-                                                  {"revs": [_exp("other", 0, scored)]}]}]
+    twin = [SHOW[0], {"rev": "X", "experiments": [{"revs": [_exp("exp-a", 0, {"eval_seeds/cam.json": {"miou": 0.2}})]},
+                                                  {"revs": [_exp("other", 0, {"eval_seeds/cam.json": {"miou": 0.3}})]}]}]
     monkeypatch.setattr(spread, "_call", lambda args, cwd, stdout_only=False: (
         LISTING if args[1] == "list" else json.dumps(twin)))
-    with pytest.raises(UserError, match="experiments exp-a and other both ran seed 0"):
+    with pytest.raises(UserError, match="experiments exp-a and other both ran seed 0 with different results for "
+                                        "cam; give one run per seed and method"):
         spread.collect(Params(methods={"cam": "cls"}), ["exp-a", "other"], root=tmp_path)
+    assert not (tmp_path / "outputs" / "spread").exists()  # nothing written
+
+
+def test_collect_merges_runs_of_one_seed_that_ran_different_methods(tmp_path, monkeypatch):
+    """`spread --methods cam,gradcam` and `--methods cam,sipe` at the same seeds: each seed's rows
+    come from both runs, CAM once (the same figures in both), and each run counts only for the
+    methods in its own params: exp-a's commit still holds a sipe metrics file from its baseline
+    (another seed, 0.99) that must not be read. By hand: cam seed (0.2 + 0.4) / 2 = 0.3 ± 0.1,
+    gradcam (0.25 + 0.45) / 2 = 0.35 ± 0.1, sipe (0.1 + 0.3) / 2 = 0.2 ± 0.1."""
+    spread = spread_mod()
+    monkeypatch.setenv("WSSS_OUTPUTS", str(tmp_path / "outputs"))
+    monkeypatch.setenv("WSSS_TRACKING", "0")
+
+    def run(name, seed, methods, scores):
+        row = _exp(name, seed, {f"eval_seeds/{m}.json": {"miou": v} for m, v in scores.items()})
+        row["data"]["params"]["params.yaml"]["data"]["methods"] = dict.fromkeys(methods, "cls")
+        return {"revs": [row]}
+
+    exps = [run("g0", 0, ["cam", "gradcam"], {"cam": 0.2, "gradcam": 0.25, "sipe": 0.99}),
+            run("g1", 1, ["cam", "gradcam"], {"cam": 0.4, "gradcam": 0.45}),
+            run("s0", 0, ["cam", "sipe"], {"cam": 0.2, "sipe": 0.1}),
+            run("s1", 1, ["cam", "sipe"], {"cam": 0.4, "sipe": 0.3, "gradcam": 0.99})]
+    listing = "9b6ed5c:\n" + "".join(f"\t{i}{i}{i} [{n}]\n" for i, n in enumerate(["g0", "g1", "s0", "s1"]))
+    monkeypatch.setattr(spread, "_call", lambda args, cwd, stdout_only=False: (
+        listing if args[1] == "list" else json.dumps([SHOW[0], {"rev": "X", "experiments": exps}])))
+    params = Params(methods={"cam": "cls", "gradcam": "cls", "sipe": "sipe"})
+    agg = spread.collect(params, ["g0", "g1", "s0", "s1"], until="seeds", root=tmp_path)
+    assert agg["seeds"] == [0, 1] and agg["experiments"] == {0: "g0, s0", 1: "g1, s1"}
+    for m, mean in (("cam", 0.3), ("gradcam", 0.35), ("sipe", 0.2)):
+        assert agg["methods"][m]["seed"] == (pytest.approx(mean), pytest.approx(0.1)), m
+        assert agg["n"][m]["seed"] == 2, m
 
 
 SHA = "f" * 40
@@ -263,8 +294,10 @@ def test_collect_refuses_one_commit_twice_and_a_run_without_metrics(tmp_path, mo
     monkeypatch.setenv("WSSS_OUTPUTS", str(tmp_path / "outputs"))
     monkeypatch.setenv("WSSS_TRACKING", "0")
     monkeypatch.setattr(spread, "commit_of", lambda rev, root: SHA if rev in ("HEAD", "main") else None)
-    # metrics that `dvc exp show` could not read (outputs not in the cache) come as errors, no data
-    missing = {"outputs/metrics/eval_seeds/cam.json": {"error": {"type": "FileNotFoundError"}}}
+    # metrics that `dvc exp show` could not read (outputs not in the cache) come as errors, no data;
+    # git-tracked ones (train_<method>.json) still come with data, and are no scores
+    missing = {"outputs/metrics/eval_seeds/cam.json": {"error": {"type": "FileNotFoundError"}},
+               "outputs/metrics/train_cam.json": {"data": {"checkpoint": "cls", "trained": False}}}
 
     def fake(args, cwd, stdout_only=False):
         if args[1] == "list":
@@ -280,6 +313,8 @@ def test_collect_refuses_one_commit_twice_and_a_run_without_metrics(tmp_path, mo
         spread.collect(Params(methods={"cam": "cls"}), ["HEAD", "main"], root=tmp_path)
     with pytest.raises(UserError, match="'HEAD' has no metrics up to --until crf in the dvc cache; `dvc pull`"):
         spread.collect(Params(methods={"cam": "cls"}), ["exp-a", "HEAD"], until="crf", root=tmp_path)
+    with pytest.raises(UserError, match="'HEAD' has no metrics up to --until seg in the dvc cache"):
+        spread.collect(Params(methods={"cam": "cls"}), ["exp-a", "HEAD"], until="seg", root=tmp_path)
     assert not (tmp_path / "outputs" / "spread").exists()  # nothing written
 
 

@@ -7,9 +7,9 @@ queue with one worker (every stage logs to the one sqlite MLflow store, which ta
 a time) and waits for it, and the scores are read back from ``dvc exp show --json``, so the same
 experiments show in ``dvc exp show`` and in MLflow (``dvc.exp_name``). A seed whose stages ran
 before with the same params and code is restored from DVC's run cache instead of rerun.
-``--collect NAME,...`` aggregates runs that already happened (one per seed) instead: experiments,
-or git revisions whose committed ``dvc.lock`` is a run (the workspace's own ``dvc repro``, seed 0,
-beside seeds 1 and 2 run as experiments).
+``--collect NAME,...`` aggregates runs that already happened instead: experiments, or git
+revisions whose committed ``dvc.lock`` is a run (the workspace's own ``dvc repro``, seed 0, beside
+seeds 1 and 2 run as experiments); one per seed, or one per seed and group of methods.
 """
 
 from __future__ import annotations
@@ -153,8 +153,31 @@ def _show(root: Path, base: str | None, names: list[str]) -> dict[str, dict]:
     return results(json.loads(_call(show, root, stdout_only=True).strip() or "[]"), names)
 
 
+def ran_methods(run: dict, listed: list[str]) -> list[str]:
+    """The methods of ``listed`` that ``run`` ran: those in its own params (``-S ~methods.M``
+    drops a method from an experiment, but the metrics files its baseline committed for M stay in
+    the experiment's commit, from another seed, so they must not be read as this run's)."""
+    ran = run["params"].get("methods")
+    return [m for m in listed if m in ran] if isinstance(ran, dict) and ran else listed
+
+
+def merge_rows(rows: list[dict], more: list[dict], listed: list[str], what: str) -> list[dict]:
+    """One seed's report rows from two runs of that seed, each method once, in ``listed`` order
+    (the upper bound last). Runs that share a method (CAM beside each method's own spread) must
+    agree on it to the bit, as runs restored from DVC's run cache do: different figures for one
+    method and seed mean two different runs, and neither may be picked silently."""
+    by_method = {r["method"]: r for r in rows}
+    for r in more:
+        have = by_method.setdefault(r["method"], r)
+        if have != r:
+            raise UserError(f"{what} with different results for {r['method']}; give one run per seed and method")
+    order = {m: i for i, m in enumerate(listed)}
+    return sorted(by_method.values(), key=lambda r: order.get(r["method"], len(order)))
+
+
 def _report(params: Params, names: list[str], found: dict[str, dict], until: str) -> dict:
-    """Aggregate the experiments ``names`` (one per seed) and write outputs/spread/."""
+    """Aggregate the runs ``names`` (one per seed, or several per seed: :func:`merge_rows`) and
+    write outputs/spread/."""
     from .steps import report
     from .steps.common import out_dir, outputs_at
 
@@ -162,10 +185,15 @@ def _report(params: Params, names: list[str], found: dict[str, dict], until: str
     per_seed, regimes, source = {}, {}, {}
     for name in names:
         seed = int(found[name]["params"].get("seed"))
-        if seed in source:
-            raise UserError(f"experiments {source[seed]} and {name} both ran seed {seed}; give one experiment per seed")
-        source[seed] = name
-        per_seed[seed], regimes[seed] = rows_of(found[name], listed, until)
+        rows, regime = rows_of(found[name], ran_methods(found[name], listed), until)
+        if seed in per_seed:
+            per_seed[seed] = merge_rows(per_seed[seed], rows, listed, f"experiments {source[seed]} and {name} "
+                                        f"both ran seed {seed}")
+            # CAM and the classifier are the same in both (merge_rows checked CAM); fill what the first lacks
+            regimes[seed] = {**regime, **{k: v for k, v in regimes[seed].items() if v is not None}}
+            source[seed] += f", {name}"
+        else:
+            per_seed[seed], regimes[seed], source[seed] = rows, regime, name
     agg = report.aggregate(per_seed, regimes)
     agg["experiments"] = {seed: source[seed] for seed in sorted(source)}
     with outputs_at(out_dir("spread")):
@@ -186,8 +214,11 @@ def baselines(listing: str) -> dict[str, str]:
 
 
 def collect(params: Params, names: list[str], until: str = "seg", root: Path | None = None) -> dict:
-    """Aggregate runs that already happened, one per seed: the same report as :func:`spread`
-    without queueing anything. A name is an experiment (``dvc exp run --temp -S seed=N``, ``dvc
+    """Aggregate runs that already happened: the same report as :func:`spread` without queueing
+    anything. One run per seed, or several per seed that ran different methods (``spread
+    --methods cam,M`` for each M): their rows are merged, and a method two of them ran must have
+    the same figures in both (:func:`merge_rows`); each run counts only for the methods in its own
+    params (:func:`ran_methods`). A name is an experiment (``dvc exp run --temp -S seed=N``, ``dvc
     exp save`` in a worktree where the seed ran, on another machine and pulled, ...; the
     experiments may derive from different commits, ``dvc exp list --all-commits`` finds each
     one's) or, failing that, a git revision whose committed dvc.lock is the run (``HEAD`` after
@@ -217,7 +248,10 @@ def collect(params: Params, names: list[str], until: str = "seg", root: Path | N
     lost = [n for n in names if n not in found]
     if lost:
         raise UserError(f"--collect: `dvc exp show` gives no results for {lost[0]!r}")
-    empty = [n for n in names if not any(fresh_metrics(found[n], until).values())]
+    # seed scores, not any metrics file: a revision whose dvc outputs are not in this cache still
+    # shows the git-tracked train_<method>.json files, and would count as a seed of empty rows
+    empty = [n for n in names if not any(v for k, v in fresh_metrics(found[n], until).items()
+                                         if k.startswith("eval_seeds/"))]
     if empty:
         raise UserError(f"--collect: {empty[0]!r} has no metrics up to --until {until} in the dvc cache; "
                         "`dvc pull` its outputs or give a run that reached that stage")
