@@ -189,7 +189,7 @@ def _report(params: Params, names: list[str], found: dict[str, dict], until: str
         if seed in per_seed:
             per_seed[seed] = merge_rows(per_seed[seed], rows, listed, f"experiments {source[seed]} and {name} "
                                         f"both ran seed {seed}")
-            # CAM and the classifier are the same in both (merge_rows checked CAM); fill what the first lacks
+            # the regime is CAM's: a run without CAM has None there, so take the other run's values
             regimes[seed] = {**regime, **{k: v for k, v in regimes[seed].items() if v is not None}}
             source[seed] += f", {name}"
         else:
