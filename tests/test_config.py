@@ -125,6 +125,21 @@ def test_seed_everything_fixes_the_thread_count():
         torch.set_num_threads(before)
 
 
+def test_seed_everything_turns_on_deterministic_kernels_without_loading_inductor():
+    """In a fresh process (this one may have loaded anything): the deterministic flag is on, in
+    warn-only mode, and torch._inductor, whose import costs every stage ~2 s, stays unloaded."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from wsss.config import seed_everything; seed_everything(0); "
+            "print(torch.are_deterministic_algorithms_enabled(), "
+            "torch.is_deterministic_algorithms_warn_only_enabled(), 'torch._inductor' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert out.stdout.split() == ["True", "True", "False"]
+
+
 def test_recam_scorecam_alone_is_valid():
     """train@recam-scorecam makes its own Score-CAM masks: it needs no scorecam listed."""
     assert params_from_dict({"methods": {"recam-scorecam": "recam-scorecam"}}).methods == {

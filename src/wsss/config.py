@@ -389,7 +389,19 @@ def seed_everything(rng_seed: int, threads: int = 0) -> None:
     random.seed(rng_seed)
     np.random.seed(rng_seed)
     torch.manual_seed(rng_seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    set_deterministic(torch, True)
+
+
+def set_deterministic(torch, mode: bool) -> None:
+    """``torch.use_deterministic_algorithms(mode, warn_only=True)`` without its import of
+    ``torch._inductor.config`` (about 1.9 s per process on this 2-core CPU, paid by every
+    pipeline stage), which only sets the flag for ``torch.compile``; nothing here compiles.
+    Falls back to the public call where torch lacks the C setter."""
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None:
+        torch.use_deterministic_algorithms(mode, warn_only=True)
+    else:
+        setter(mode, warn_only=True)
 
 
 def resolve_device(name: str, cuda_amp: bool = False):
@@ -407,7 +419,7 @@ def resolve_device(name: str, cuda_amp: bool = False):
 
         torch.backends.cudnn.benchmark = cuda_amp
         if cuda_amp:  # deterministic kernels would undo the point of the fast path
-            torch.use_deterministic_algorithms(False)
+            set_deterministic(torch, False)
         return torch.device("cuda", local_rank() % torch.cuda.device_count())
     return torch.device(name)
 
