@@ -61,17 +61,18 @@ def open_split(params: Params, split: str, validate: bool = True):
     return VOCDataset(root, split, params.subset)
 
 
-def mask_fingerprint(mask_dir: Path) -> str:
-    """Names and bytes of the label PNGs in ``mask_dir``: a resume never mixes two sets of
-    masks. The bytes, not the mtimes: a ``dvc checkout`` or a fresh clone rewrites the mtimes,
-    and the fingerprint is saved in the checkpoint, whose bytes must then not change."""
+def mask_fingerprint(mask_dir: Path, chars: int = 16) -> str:
+    """sha1 (its first ``chars`` hex digits) of the names and bytes of the label PNGs in
+    ``mask_dir``: a resume never mixes two sets of masks, and make-sem-seg's metrics name the
+    masks they scored. The bytes, not the mtimes: a ``dvc checkout`` or a fresh clone rewrites
+    the mtimes, and the fingerprint is saved in the checkpoint, whose bytes must then not change."""
     import hashlib
 
     h = hashlib.sha1()
     for p in sorted(mask_dir.glob("*.png")):
         h.update(f"{p.name}:".encode())
         h.update(hashlib.sha1(p.read_bytes()).digest())
-    return h.hexdigest()[:16]
+    return h.hexdigest()[:chars]
 
 
 def summary(step: str, text: str) -> None:

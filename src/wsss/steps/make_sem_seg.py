@@ -23,7 +23,6 @@ PNGs, which ``train-seg`` depends on when ``pseudo_masks: irn``) go to
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +39,7 @@ from ..models.irn import STRIDE, checkpoint_name, edge_to_affinity, load_irn
 from ..randomwalk import random_walk
 from ..tracking import step_run
 from ..voc import LABEL_NAMES, NUM_LABELS, PALETTE
-from .common import checkpoint_path, out_dir, read_seed, summary
+from .common import checkpoint_path, mask_fingerprint, out_dir, read_seed, summary
 from .crf import log_masks, seed_path, seeded_split
 
 EPS = 1e-5
@@ -81,15 +80,6 @@ def sem_seg_mask(model, image: np.ndarray, keys: np.ndarray, cams: np.ndarray, p
     return walk_to_mask(torch.from_numpy(rw).float(), keys, (h, w), params.sem_seg_bg_thres)
 
 
-def masks_digest(folder: Path) -> str:
-    """sha1 of the names and bytes of the PNGs in ``folder``: changes whenever a mask does."""
-    h = hashlib.sha1()
-    for p in sorted(folder.glob("*.png")):
-        h.update(p.name.encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()
-
-
 def run(params: Params, method: str) -> dict:
     methods.get(method)
     seed_everything(params.seed, params.threads)
@@ -109,7 +99,7 @@ def run(params: Params, method: str) -> dict:
                 if voc.mask_path(image_id).is_file():
                     cm.update(mask, voc.mask(image_id))
                     scored += 1
-            digest = masks_digest(tmp)
+            digest = mask_fingerprint(tmp, chars=40)
         metrics: dict = {"method": method, "n_images": len(ids), "n_scored": scored, "masks_sha1": digest}
         if scored:
             metrics.update(cm.scores(LABEL_NAMES))
