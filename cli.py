@@ -329,8 +329,9 @@ def compare(methods: str = typer.Option("cam,scorecam,recam,recam-scorecam", hel
 def spread(seeds: str = typer.Option("0,1,2", help="comma-separated random seeds"),
            methods: str = typer.Option("", help="comma-separated subset of params methods (default: all)"),
            until: str = typer.Option("seg", help="last stage per method: seeds | crf | irn | seg"),
-           collect: str = typer.Option("", help="comma-separated experiments that already ran, one per seed: "
-                                                "aggregate them instead of running --seeds"),
+           collect: str = typer.Option("", help="comma-separated experiments that already ran: aggregate them "
+                                                "instead of running --seeds; runs of one seed that ran "
+                                                "different methods merge (a method both ran must agree)"),
            params: Path = ParamsOpt):
     """The pipeline once per random seed as DVC experiments (dvc exp show lists them), then
     mean ± std per method (outputs/spread/)."""
