@@ -102,6 +102,8 @@ def _same_weights(a: Path, b: Path) -> None:
     differ = [k for k in sa["model"] if not torch.equal(sa["model"][k], sb["model"][k])]
     assert not differ, f"{a.name}: {len(differ)} tensors differ from the uninterrupted run, e.g. {differ[:3]}"
     assert sa["steps"] == sb["steps"]
+    # and the same bytes, so DVC sees a resumed stage's output as the uninterrupted one's
+    assert a.read_bytes() == b.read_bytes(), f"{a.name}: same tensors, other bytes"
 
 
 def _same_json(a: Path, b: Path) -> None:
@@ -247,6 +249,22 @@ def test_a_write_removes_the_temporaries_a_dead_writer_left(tmp_path):
     assert json.loads((tmp_path / "m.json").read_text()) == {"a": 1}
     assert not stale_file.exists() and not stale_dir.exists() and not stale_zombie.exists()
     assert live.exists() and other.exists()
+
+
+def test_the_same_checkpoint_saved_twice_is_the_same_bytes(tmp_path):
+    """DVC compares outputs by md5: a stage rerun that computes the same weights must write the
+    same bytes, or every stage below it reruns. The two writes differ in what used to leak into
+    the file: the destination's name (torch named the archive's inner folder after the
+    pid-and-random temporary)."""
+    layer = nn.Linear(3, 2)
+    ckpt = {"spec": {"backbone": "x"}, "model": layer.state_dict(), "steps": 5}
+    from wsss.io import save_torch
+
+    save_torch(tmp_path / "cls.pt", ckpt)
+    save_torch(tmp_path / "other" / "seg-cam.pt", ckpt)
+    assert (tmp_path / "cls.pt").read_bytes() == (tmp_path / "other" / "seg-cam.pt").read_bytes()
+    back = torch.load(tmp_path / "cls.pt", weights_only=True)
+    assert back["steps"] == 5 and torch.equal(back["model"]["weight"], layer.weight.detach())
 
 
 def test_an_unreadable_resume_file_is_a_fresh_start(tmp_path, capsys):

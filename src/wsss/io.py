@@ -131,10 +131,14 @@ def save_label_png(path: str | os.PathLike, label: np.ndarray, palette: list[int
 
 
 def save_torch(path: str | os.PathLike, obj: Any) -> None:
+    """``torch.save`` atomically, byte for byte the same for the same object. Saved to a file
+    object, not to the temporary's name: given a name, torch names the archive's inner folder
+    after it, and the temporary's name holds a pid and random letters."""
     import torch
 
     with atomic_path(path, ".pt") as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
 
 
 def load_torch(path: str | os.PathLike, what: str, fix: str) -> Any:

@@ -113,12 +113,10 @@ def read_checkpoint(path: str | Path) -> dict:
 def write_alias(path: str | Path, target: str | Path) -> None:
     """A checkpoint at ``path`` that :func:`read_checkpoint` reads as the one at ``target`` (same
     folder); it holds the target's fingerprint, so it changes whenever the target does."""
-    from ..io import atomic_path
+    from ..io import save_torch
 
     target = Path(target)
-    fingerprint = str(read_checkpoint(target).get("fingerprint"))
-    with atomic_path(Path(path), ".pt") as tmp:
-        torch.save({"alias": target.stem, "fingerprint": fingerprint}, tmp)
+    save_torch(path, {"alias": target.stem, "fingerprint": str(read_checkpoint(target).get("fingerprint"))})
 
 
 def load_classifier(path: str | Path, device: torch.device | str = "cpu",
