@@ -4,6 +4,7 @@ make-sem-seg steps (bad input: one clear error line; a short run on a tiny world
 
 from __future__ import annotations
 
+import hashlib
 import math
 import shutil
 import sys
@@ -180,8 +181,7 @@ def test_train_irn_and_make_sem_seg_on_a_tiny_world(tiny_world):
     ids = VOCDataset(params.data_path(), params.seed_split).ids
     assert [p.stem for p in masks] == sorted(ids)
     assert 0.0 <= m["miou"] <= 1.0
-    import hashlib  # the digest names the masks on disk: sha1 over "name:" + sha1(bytes), by file name
-
+    # the digest names the masks on disk: sha1 over "name:" + sha1(bytes), by file name
     h = hashlib.sha1()
     for p in masks:
         h.update(f"{p.name}:".encode() + hashlib.sha1(p.read_bytes()).digest())

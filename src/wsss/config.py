@@ -389,14 +389,16 @@ def seed_everything(rng_seed: int, threads: int = 0) -> None:
     random.seed(rng_seed)
     np.random.seed(rng_seed)
     torch.manual_seed(rng_seed)
-    set_deterministic(torch, True)
+    set_deterministic(True)
 
 
-def set_deterministic(torch, mode: bool) -> None:
+def set_deterministic(mode: bool) -> None:
     """``torch.use_deterministic_algorithms(mode, warn_only=True)`` without its import of
     ``torch._inductor.config`` (about 1.9 s per process on this 2-core CPU, paid by every
     pipeline stage), which only sets the flag for ``torch.compile``; nothing here compiles.
     Falls back to the public call where torch lacks the C setter."""
+    import torch
+
     setter = getattr(torch._C, "_set_deterministic_algorithms", None)
     if setter is None:
         torch.use_deterministic_algorithms(mode, warn_only=True)
@@ -419,7 +421,7 @@ def resolve_device(name: str, cuda_amp: bool = False):
 
         torch.backends.cudnn.benchmark = cuda_amp
         if cuda_amp:  # deterministic kernels would undo the point of the fast path
-            set_deterministic(torch, False)
+            set_deterministic(False)
         return torch.device("cuda", local_rank() % torch.cuda.device_count())
     return torch.device(name)
 
